@@ -1,0 +1,120 @@
+"""Backend registry: which implementation (torch reference, Triton, CUDA C++) runs each op.
+
+Each op registers implementations under a backend name with a `supports(*args)` predicate that
+returns None when the implementation applies or a short reason when it does not.  Selection:
+
+* `FASTPEFT_BACKEND` / `set_backend(name)` forces a backend for every op that has it; where the
+  forced backend does not apply to a call (CPU tensors for a GPU kernel, say) the reference runs
+  and a warning says why, once per (op, reason).
+* otherwise the highest-priority backend that applies wins; the torch reference always applies.
+
+`last_backend(op)` tells which backend ran an op last: tests use it to prove a kernel really ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Impl:
+    backend: str
+    priority: int
+    supports: Callable[..., str | None]
+    fns: dict[str, Callable[..., Any]]
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+_LAST: dict[str, str] = {}
+_WARNED: set[tuple[str, str]] = set()
+_forced: str | None = None
+
+
+def _check_name(name: str | None) -> str | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastpeft backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    return name
+
+
+def register(op: str, backend: str, *, priority: int, supports: Callable[..., str | None] | None = None,
+             **fns: Callable[..., Any]) -> None:
+    """Register `fns` (e.g. forward=..., backward=...) as `backend`'s implementation of `op`."""
+    _check_name(backend)
+    _REGISTRY.setdefault(op, {})[backend] = Impl(backend, priority, supports or (lambda *a, **k: None), fns)
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every op ("torch", "triton", "cuda"); None or "auto" restores automatic choice."""
+    global _forced
+    _forced = _check_name(name)
+
+
+def get_backend() -> str | None:
+    """The forced backend, or None when each call picks automatically."""
+    return _forced if _forced is not None else _check_name(os.environ.get("FASTPEFT_BACKEND"))
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of `set_backend`."""
+    global _forced
+    previous = _forced
+    _forced = _check_name(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def available(op: str) -> list[str]:
+    """Backends registered for `op`, best first."""
+    impls = sorted(_REGISTRY.get(op, {}).values(), key=lambda i: -i.priority)
+    return [i.backend for i in impls]
+
+
+def select(op: str, *args: Any) -> Impl:
+    """The implementation of `op` to run for these arguments."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    forced = get_backend()
+    chosen: Impl | None = None
+    if forced is not None:
+        impl = impls.get(forced)
+        reason = "not built for this op" if impl is None else impl.supports(*args, forced=True)
+        if reason is None:
+            chosen = impl
+        elif (op, reason) not in _WARNED:
+            _WARNED.add((op, reason))
+            warnings.warn(f"fastpeft: backend {forced!r} does not apply to {op} here ({reason}); "
+                          f"using the torch reference", stacklevel=3)
+    if chosen is None and forced is None:
+        for impl in sorted(impls.values(), key=lambda i: -i.priority):
+            if impl.supports(*args, forced=False) is None:
+                chosen = impl
+                break
+    if chosen is None:
+        chosen = impls["torch"]
+    _LAST[op] = chosen.backend
+    return chosen
+
+
+def last_backend(op: str) -> str | None:
+    """Which backend ran `op` most recently in this process."""
+    return _LAST.get(op)
+
+
+def why_not(op: str, backend: str, *args: Any) -> str | None:
+    """Why `backend` would not run `op` for these arguments (None if it would)."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return "not registered"
+    return impl.supports(*args, forced=True)

@@ -1,0 +1,53 @@
+"""Helpers shared by the ops: argument checks and autocast handling."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    check(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_for_autocast(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast floating tensors to the autocast dtype, as nn.Linear does under autocast."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def gpu_kernel_supports(*tensors: torch.Tensor | None, forced: bool) -> str | None:
+    """Reason a GPU kernel cannot run on these tensors (None when it can).
+
+    Automatic selection needs CUDA tensors; a forced Triton backend also runs CPU tensors when
+    TRITON_INTERPRET=1 (that is how CI tests the kernels without a GPU)."""
+    import os
+
+    ts = [t for t in tensors if t is not None]
+    if all(t.is_cuda for t in ts):
+        return None
+    if forced and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "tensors are not on a CUDA device"

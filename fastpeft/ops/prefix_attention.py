@@ -1,0 +1,178 @@
+"""prefix_attention: attention over a learned prefix followed by the sequence's own keys.
+
+q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv (GQA); prefix_k, prefix_v:
+(Hkv, P, D) shared by every row, or (N, Hkv, P, D) with prefix_index (B,) choosing each row's
+prefix (mixed-task batches).  Query t sees every prefix key and, when causal, the sequence keys
+j ≤ t + S − T (lower-right alignment, so decoding with a KV cache works); attention_mask (B, S)
+(1 = attend) hides padded sequence keys.  Returns (out (B, Hq, T, D), lse (B, Hq, T) fp32).
+
+The reference concatenates; kernels never do: the prefix is read in place, never expanded over
+the batch, and its gradient is reduced into the single (or per-task) prefix tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backend
+from ._common import check, check_float, check_same_device, gpu_kernel_supports
+
+OP = "prefix_attention"
+
+
+def _gather_prefix(prefix, prefix_index, batch):
+    if prefix_index is None:
+        return prefix.unsqueeze(0).expand(batch, *prefix.shape)
+    return prefix[prefix_index]
+
+
+def _visible(q, k, attention_mask, causal, P):
+    """Boolean (B or 1, 1, T, P + S) mask of the keys each query sees."""
+    T, S = q.shape[2], k.shape[2]
+    seq = torch.ones(T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        t = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        seq = j <= t + (S - T)
+    seq = seq[None, None]
+    if attention_mask is not None:
+        seq = seq & attention_mask.bool()[:, None, None, :]
+    pre = torch.ones(*seq.shape[:3], P, dtype=torch.bool, device=q.device)
+    return torch.cat([pre, seq], dim=-1)
+
+
+def _keys(q, k, v, prefix_k, prefix_v, prefix_index):
+    B, Hq = q.shape[:2]
+    group = Hq // k.shape[1]
+    kk = torch.cat([_gather_prefix(prefix_k, prefix_index, B), k], dim=2).float()
+    vv = torch.cat([_gather_prefix(prefix_v, prefix_index, B), v], dim=2).float()
+    return kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+
+
+def reference_forward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+    P = prefix_k.shape[-2]
+    kk, vv = _keys(q, k, v, prefix_k, prefix_v, prefix_index)
+    scores = (q.float() @ kk.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~_visible(q, k, attention_mask, causal, P), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return (probs @ vv).to(q.dtype), lse
+
+
+def reference_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale):
+    B, Hq, T, D = q.shape
+    Hkv, P = k.shape[1], prefix_k.shape[-2]
+    group = Hq // Hkv
+    kk, vv = _keys(q, k, v, prefix_k, prefix_v, prefix_index)
+    scores = (q.float() @ kk.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~_visible(q, k, attention_mask, causal, P), float("-inf"))
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    do = dout.float()
+    dv_all = probs.transpose(-1, -2) @ do  # (B, Hq, P+S, D)
+    dp = do @ vv.transpose(-1, -2)
+    delta = (do * out.float()).sum(-1, keepdim=True)
+    ds = probs * (dp - delta) * scale
+    dq = ds @ kk
+    dk_all = ds.transpose(-1, -2) @ q.float()
+    # fold the query-head groups back onto their key/value head
+    dk_all = dk_all.reshape(B, Hkv, group, P + k.shape[2], D).sum(2)
+    dv_all = dv_all.reshape(B, Hkv, group, P + k.shape[2], D).sum(2)
+    dpk_rows, dk = dk_all[:, :, :P], dk_all[:, :, P:]
+    dpv_rows, dv = dv_all[:, :, :P], dv_all[:, :, P:]
+    if prefix_index is None:
+        dpk, dpv = dpk_rows.sum(0), dpv_rows.sum(0)
+    else:
+        dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device).index_add_(0, prefix_index, dpk_rows)
+        dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device).index_add_(0, prefix_index, dpv_rows)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+
+
+backend.register(OP, "torch", priority=0, forward=reference_forward, backward=reference_backward)
+
+
+@torch.library.custom_op("fastpeft::prefix_attention_fwd", mutates_args=())
+def _pa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+            attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None, causal: bool, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backend.select(OP, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index)
+    return impl.fns["forward"](q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+
+
+@_pa_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::prefix_attention_bwd", mutates_args=())
+def _pa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+            prefix_v: torch.Tensor, attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
+            out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = backend.select(OP, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index)
+    return impl.fns["backward"](dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale)
+
+
+@_pa_bwd.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse = ctx.saved_tensors
+    grads = _pa_bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+                    ctx.causal, ctx.scale)
+    return (*grads, None, None, None, None)
+
+
+_pa_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                     prefix_v: torch.Tensor, *, causal: bool = True, attention_mask: torch.Tensor | None = None,
+                     prefix_index: torch.Tensor | None = None, scale: float | None = None,
+                     return_lse: bool = False):
+    """softmax(q·[prefix_k; k]ᵀ·scale + mask)·[prefix_v; v]; see the module docstring for shapes."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        check_float(name, t)
+    check_same_device(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, attention_mask=attention_mask,
+                      prefix_index=prefix_index)
+    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be 4-D (batch, heads, seq, head_dim)")
+    B, Hq, T, D = q.shape
+    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    check(k.shape[0] == B and k.shape[3] == D, f"k has shape {tuple(k.shape)}; expected ({B}, Hkv, S, {D})")
+    Hkv = k.shape[1]
+    check(Hkv >= 1 and Hq % Hkv == 0, f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    check(k.dtype == q.dtype and v.dtype == q.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check(prefix_k.shape == prefix_v.shape, f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} differ")
+    check(prefix_k.dtype == q.dtype and prefix_v.dtype == q.dtype,
+          f"prefix_k/prefix_v are {prefix_k.dtype}/{prefix_v.dtype}; cast them to the attention dtype {q.dtype}")
+    if prefix_index is None:
+        check(prefix_k.dim() == 3 and prefix_k.shape[0] == Hkv and prefix_k.shape[2] == D,
+              f"prefix_k has shape {tuple(prefix_k.shape)}; expected ({Hkv}, P, {D})")
+    else:
+        check(prefix_k.dim() == 4 and prefix_k.shape[1] == Hkv and prefix_k.shape[3] == D,
+              f"with prefix_index, prefix_k must have shape (num_prefixes, {Hkv}, P, {D}), got {tuple(prefix_k.shape)}")
+        check(prefix_index.dtype in (torch.int32, torch.int64) and tuple(prefix_index.shape) == (B,),
+              f"prefix_index must be an integer tensor of shape ({B},)")
+        n = prefix_k.shape[0]
+        if prefix_index.numel() and not prefix_index.is_cuda:
+            check(int(prefix_index.min()) >= 0 and int(prefix_index.max()) < n,
+                  f"prefix_index values must lie in [0, {n})")
+        prefix_index = prefix_index.long()
+    if attention_mask is not None:
+        check(tuple(attention_mask.shape) == (B, k.shape[2]),
+              f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, kv_len) = ({B}, {k.shape[2]})")
+        attention_mask = attention_mask.bool()
+    check(T <= k.shape[2] or not causal, f"causal attention needs kv_len ({k.shape[2]}) >= query length ({T})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out, lse = _pa_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, bool(causal), scale)
+    return (out, lse) if return_lse else out

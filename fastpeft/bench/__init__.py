@@ -1,0 +1,1 @@
+"""Benchmark suite (speed and peak memory side by side with the references)."""

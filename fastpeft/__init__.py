@@ -3,4 +3,15 @@
 __version__ = "0.1.0"
 
 from . import backend, ops
+from .accelerate import accelerate
 from .backend import get_backend, set_backend, use_backend
+from .config import (IA3Config, LoraConfig, PeftConfig, PeftType, PrefixTuningConfig, PromptEncoderConfig,
+                     PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit, TaskType)
+from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification, get_peft_model)
+
+__all__ = [
+    "LoraConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PeftConfig",
+    "PeftType", "TaskType", "PromptTuningInit", "PromptEncoderReparameterizationType", "PeftModel",
+    "PeftModelForCausalLM", "PeftModelForSequenceClassification", "get_peft_model", "accelerate", "backend", "ops",
+    "set_backend", "get_backend", "use_backend",
+]

@@ -1,0 +1,63 @@
+"""IA3Linear: a drop-in IA3 layer with HF PEFT's structure (`base_layer`, `ia3_l.<name>`) whose hot
+path is `ops.ia3_linear`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import ia3_linear
+from ._base import AdapterLayer
+
+
+class IA3Linear(AdapterLayer):
+    adapter_layer_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", is_feedforward: bool = False,
+                 fan_in_fan_out: bool = False, init_ia3_weights: bool = True, name: str = "") -> None:
+        super().__init__(base_layer, fan_in_fan_out, name)
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict()
+        self.update_layer(adapter_name, init_ia3_weights)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        device = self.base_layer.weight.device
+        value = torch.ones(shape, device=device) if init_ia3_weights else torch.randn(shape, device=device)
+        self.ia3_l[adapter_name] = nn.Parameter(value)
+
+    def _scale(self, names: list[str]) -> torch.Tensor:
+        scale = self.ia3_l[names[0]]
+        for name in names[1:]:
+            scale = scale * self.ia3_l[name]
+        return scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self._active() if a not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return ia3_linear(x, self.base_weight_nk(), self.base_layer.bias, self._scale(active), self.is_feedforward)
+
+    def _apply_scale(self, name: str, inverse: bool) -> None:
+        l = self.ia3_l[name].detach().float().reshape(-1)
+        if inverse:
+            l = 1.0 / (l + 1e-8)
+        w = self.base_layer.weight
+        with torch.no_grad():
+            wn = w.data.float().t() if self.fan_in_fan_out else w.data.float()  # (out, in)
+            wn = wn * (l[None, :] if self.is_feedforward else l[:, None])
+            w.data = (wn.t() if self.fan_in_fan_out else wn).contiguous().to(w.dtype)
+            b = self.base_layer.bias
+            if b is not None and not self.is_feedforward:
+                b.data = (b.data.float() * l).to(b.dtype)
+
+    def _merge_one(self, name: str) -> None:
+        self._apply_scale(name, inverse=False)
+
+    def _unmerge_one(self, name: str) -> None:
+        self._apply_scale(name, inverse=True)

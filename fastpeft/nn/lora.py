@@ -1,0 +1,130 @@
+"""LoraLinear: a drop-in LoRA layer with HF PEFT's structure (`base_layer`, `lora_A.<name>`,
+`lora_B.<name>`), so state dicts and key names match PEFT's, whose hot path is `ops.lora_linear`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear
+from ._base import AdapterLayer
+
+
+class LoraLinear(AdapterLayer):
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, name: str = "") -> None:
+        super().__init__(base_layer, fan_in_fan_out, name)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {r!r}")
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": torch.float32 if not weight.is_floating_point() else None}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=factory["device"])
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=factory["device"])
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        if init_lora_weights is False:
+            return
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(a, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for d in (self.lora_dropout, ):
+            if name in d:
+                del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+
+    def _dropout_p(self, name: str) -> float:
+        drop = self.lora_dropout[name]
+        return drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+    def _lora_op(self, x: torch.Tensor, name: str, bias: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        return lora_linear(x, self.base_weight_nk() if weight is None else weight, bias,
+                           self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                           self._dropout_p(name), self.training)
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("a mixed-adapter batch (adapter_names) cannot run on merged weights; unmerge first")
+            return self._mixed_batch_forward(x, adapter_names)
+        active = [a for a in self._active() if a not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        y = self._lora_op(x, active[0], self.base_layer.bias)
+        for name in active[1:]:  # several active adapters: extra low-rank terms on top
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            xd = self.lora_dropout[name](x.to(a.dtype))
+            y = (y + (xd @ a.t() @ b.t()) * self.scaling[name]).to(y.dtype)
+        return y
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Each batch row through its own adapter ("__base__": none)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        known = set(self.adapters()) | {"__base__"}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has {sorted(known)}")
+        out = None
+        for name in dict.fromkeys(adapter_names):
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            xs = x.index_select(0, rows)
+            ys = self.base_layer(xs) if name == "__base__" else self._lora_op(xs, name, self.base_layer.bias)
+            if out is None:
+                out = ys.new_empty((x.shape[0], *ys.shape[1:]))
+            out = out.index_copy(0, rows, ys)
+        return out
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B·A in the base weight's layout (transposed for Conv1D) and dtype."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = (b.float() @ a.float()) * self.scaling[name]
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return delta.to(self.base_layer.weight.dtype)
+
+    def _merge_one(self, name: str) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.data = (w.data.float() + self.get_delta_weight(name).float()).to(w.dtype)
+
+    def _unmerge_one(self, name: str) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.data = (w.data.float() - self.get_delta_weight(name).float()).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -15,3 +15,4 @@ __all__ = [
     "PeftModelForCausalLM", "PeftModelForSequenceClassification", "get_peft_model", "accelerate", "backend", "ops",
     "set_backend", "get_backend", "use_backend",
 ]
+from .info import info

@@ -156,7 +156,7 @@ def wrap_modules_to_save(model: nn.Module, modules: Iterable[str] | None, adapte
                 _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name))
             wrapped.append(name)
     missing = [m for m in modules if not any(w == m or w.endswith("." + m) for w in wrapped)]
-    if missing:
+    if missing and not wrapped:  # as PEFT, one match suffices (SEQ_CLS adds both "classifier" and "score")
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return wrapped
 

@@ -111,3 +111,35 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check(x.dtype == weight.dtype, f"x is {x.dtype} but the frozen weight is {weight.dtype}")
     lead = x.shape[:-1]
     return _ia3_fwd(x.reshape(-1, k), weight, bias, ia3_l, bool(feedforward)).reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------- triton backend
+def _triton_supports(x, weight, bias, ia3_l, feedforward, *, forced: bool) -> str | None:
+    import importlib.util
+
+    reason = gpu_kernel_supports(x, weight, bias, ia3_l, forced=forced)
+    if reason:
+        return reason
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} not supported by the kernel"
+    if ia3_l.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"ia3_l dtype {ia3_l.dtype} not supported by the kernel"
+    return None
+
+
+def _triton_forward(x, weight, bias, ia3_l, feedforward):
+    from ..kernels.ia3 import ia3_forward
+
+    return ia3_forward(x, weight, bias, ia3_l, feedforward)
+
+
+def _triton_backward(dy, x, y, weight, bias, ia3_l, feedforward):
+    from ..kernels.ia3 import ia3_backward
+
+    return ia3_backward(dy, x, y, weight, bias, ia3_l, feedforward)
+
+
+backend.register(OP, "triton", priority=10, supports=_triton_supports, forward=_triton_forward,
+                 backward=_triton_backward)

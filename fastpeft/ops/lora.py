@@ -142,3 +142,41 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0))
     return y.reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------- triton backend
+def _have_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_supports(x, weight, bias, lora_A, lora_B, dropout_p=0.0, *, forced: bool) -> str | None:
+    reason = kernel_supports(x, weight, bias, lora_A, lora_B, forced=forced)
+    if reason:
+        return reason
+    if not _have_triton():
+        return "triton is not installed"
+    if lora_A.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lora_B.dtype != lora_A.dtype:
+        return f"adapter dtypes {lora_A.dtype}/{lora_B.dtype} not supported by the kernel (fp16/bf16/fp32, equal)"
+    if lora_A.shape[0] > 256:
+        return f"rank {lora_A.shape[0]} above the kernel's maximum 256"
+    if dropout_p > 0.0 and x.numel() > 2**31 - 1:
+        return "input too large for 32-bit dropout offsets"
+    return None
+
+
+def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    from ..kernels.lora import lora_forward
+
+    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _triton_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+    from ..kernels.lora import lora_backward
+
+    return lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+
+
+backend.register(OP, "triton", priority=10, supports=_triton_supports, forward=_triton_forward,
+                 backward=_triton_backward)

@@ -176,3 +176,27 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out, lse = _pa_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, bool(causal), scale)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- triton backend
+def _triton_supports(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, *, forced: bool) -> str | None:
+    reason = gpu_kernel_supports(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, forced=forced)
+    if reason is not None:
+        return reason
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not fp16/bf16/fp32"
+    if q.shape[-1] > _pa_kernels.MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} is above the kernel's {_pa_kernels.MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"batch × query heads = {q.shape[0] * q.shape[1]} is above the grid limit 65535"
+    return None
+
+
+try:  # the Triton kernels are optional: without triton the reference serves
+    from fastpeft.kernels import prefix_attention as _pa_kernels
+except ImportError:
+    _pa_kernels = None
+
+if _pa_kernels is not None:
+    backend.register(OP, "triton", priority=10, supports=_triton_supports,
+                     forward=_pa_kernels.forward, backward=_pa_kernels.backward)

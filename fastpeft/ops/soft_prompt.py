@@ -136,3 +136,29 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
         V = embedding_weight.shape[0]
         check(int(input_ids.min()) >= 0 and int(input_ids.max()) < V, f"input_ids must lie in [0, {V}) (the vocabulary size)")
     return _sp_fwd(input_ids.long(), embedding_weight, prompt_table, prompt_index)
+
+
+# ---- CUDA C++ backend (fastpeft._C, csrc/soft_prompt.cu) ----------------------------------------
+
+def _cuda_supports(input_ids, embedding_weight, prompt_table, prompt_index, *, forced=False):
+    """None when fastpeft._C can run this call, else why not (the reference then runs)."""
+    from .. import _cext
+
+    if not _cext.available():
+        return _cext.why_unavailable()
+    if not all(t.is_cuda for t in (input_ids, embedding_weight, prompt_table, prompt_index) if t is not None):
+        return "tensors are not on a CUDA device"
+    for name, t in (("embedding_weight", embedding_weight), ("prompt_table", prompt_table)):
+        if t.dtype not in _cext.DTYPE_CODES:
+            return f"{name} is {t.dtype}; the CUDA kernels take float32, bfloat16 or float16"
+    return _cext.why_not_device(embedding_weight.device)
+
+
+def _register_cuda() -> None:
+    from .. import _cext
+
+    backend.register(OP, "cuda", priority=20, supports=_cuda_supports, forward=_cext.soft_prompt_forward,
+                     backward=_cext.soft_prompt_backward, embedding_backward=_cext.soft_prompt_embedding_backward)
+
+
+_register_cuda()

@@ -1,0 +1,368 @@
+// fastpeft._C: the pybind11 module over the CUDA kernels.  No libtorch: tensors arrive as device
+// pointers (tensor.data_ptr()), sizes and strides in elements, dtype codes (0 float32,
+// 1 float16, 2 bfloat16) and the caller's CUDA stream as an integer.  Every argument is checked
+// here, before anything is launched: a bad size, dtype code, pointer or stride raises ValueError
+// (nothing is written); a failed launch raises RuntimeError.  fastpeft/_cext.py is the caller.
+
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "fastpeft.h"
+
+namespace py = pybind11;
+using fastpeft::kBFloat16;
+using fastpeft::kFloat16;
+using fastpeft::kFloat32;
+
+#ifndef FASTPEFT_SASS_ARCHS
+#define FASTPEFT_SASS_ARCHS ""  // e.g. "80,90": set by setup.py from FASTPEFT_CUDA_ARCH_LIST
+#endif
+#ifndef FASTPEFT_PTX_ARCHS
+#define FASTPEFT_PTX_ARCHS ""  // e.g. "90": archs whose PTX is embedded too (the "+PTX" entries)
+#endif
+
+namespace {
+
+constexpr int64_t kMaxExtent = std::numeric_limits<int64_t>::max() / 4;
+
+struct Checker {
+  const char* fn;
+
+  template <typename... Args> [[noreturn]] void fail(Args&&... parts) const {
+    std::ostringstream msg;
+    msg << fn << ": ";
+    (msg << ... << parts);
+    throw py::value_error(msg.str());
+  }
+
+  static size_t itemsize(int code) { return code == kFloat32 ? 4 : 2; }
+
+  void dtype(int code, const char* what) const {
+    if (code != kFloat32 && code != kFloat16 && code != kBFloat16)
+      fail("dtype code ", code, " for ", what, " is not one of 0 (float32), 1 (float16), 2 (bfloat16)");
+  }
+
+  void ptr(std::uintptr_t p, const char* what, size_t align) const {
+    if (p == 0) fail("null pointer for ", what);
+    if (p % align != 0) fail("pointer for ", what, " is not aligned to its ", align, "-byte elements");
+  }
+
+  void positive(int64_t x, const char* what) const {
+    if (x <= 0) fail(what, " must be positive, got ", x);
+  }
+
+  void nonnegative(int64_t x, const char* what) const {
+    if (x < 0) fail(what, " must be >= 0, got ", x);
+  }
+
+  void unit(int64_t stride, const char* what) const {
+    if (stride != 1) fail(what, " is ", stride, "; the hidden dimension must be contiguous (stride 1)");
+  }
+
+  // A stride is in range when it is >= `min_stride` and the furthest element it reaches over
+  // `count` steps, plus `tail` more elements, stays addressable in int64.
+  void stride(int64_t s, const char* what, int64_t count, int64_t tail, int64_t min_stride = 0) const {
+    if (s < 0) fail(what, " is ", s, "; negative strides are not supported");
+    if (s < min_stride) fail(what, " is ", s, " but must be at least ", min_stride, " (rows would overlap)");
+    if (count > 1 && s > (kMaxExtent - tail) / (count - 1))
+      fail(what, " is ", s, ", out of range: ", count, " steps of it overflow the address range");
+  }
+
+  // count0 * count1 * ... stays well inside int64
+  void extent(std::initializer_list<int64_t> sizes, const char* what) const {
+    int64_t total = 1;
+    for (int64_t s : sizes) {
+      if (s != 0 && total > kMaxExtent / s) fail(what, " has too many elements to index with int64");
+      total *= s;
+    }
+  }
+};
+
+bool aligned16(std::initializer_list<std::uintptr_t> ptrs) {
+  for (auto p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
+}
+
+bool multiple_of(int64_t w, std::initializer_list<int64_t> values) {
+  for (auto v : values)
+    if (v % w != 0) return false;
+  return true;
+}
+
+void raise_if_failed(cudaError_t err, const char* fn) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(fn) + ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+}
+
+cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// ---- soft_prompt_embed -------------------------------------------------------------------------
+
+void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, std::uintptr_t input_ids,
+                     std::uintptr_t table, int table_dtype, std::uintptr_t prompt_index, std::uintptr_t bad_index,
+                     int64_t B, int64_t T, int64_t P, int64_t H, int64_t V, int64_t N, int64_t ids_stride_b,
+                     int64_t ids_stride_t, int64_t weight_stride_v, int64_t weight_stride_h, int64_t table_stride_n,
+                     int64_t table_stride_p, int64_t table_stride_h, int64_t pidx_stride, std::uintptr_t stream) {
+  const Checker c{"soft_prompt_fwd"};
+  c.dtype(out_dtype, "the embedding weight / output");
+  c.dtype(table_dtype, "the prompt table");
+  c.positive(B, "batch size B");
+  c.nonnegative(T, "sequence length T");
+  c.positive(P, "num_virtual_tokens P");
+  c.positive(H, "hidden size H");
+  c.positive(V, "vocabulary size V");
+  c.positive(N, "num_prompts N");
+  c.extent({B, P + T, H}, "the output (B, P+T, H)");
+  c.ptr(out, "out", Checker::itemsize(out_dtype));
+  c.ptr(weight, "embedding_weight", Checker::itemsize(out_dtype));
+  c.ptr(table, "prompt_table", Checker::itemsize(table_dtype));
+  if (T > 0) c.ptr(input_ids, "input_ids", 8);
+  if (prompt_index == 0 && N != 1)
+    c.fail("inconsistent sizes: prompt_index is null (one shared prompt) but num_prompts N is ", N,
+           "; a per-task table of ", N, " prompts needs prompt_index");
+  if (prompt_index != 0) c.ptr(prompt_index, "prompt_index", 8);
+  if (bad_index != 0 && bad_index % 4 != 0) c.fail("pointer for bad_index is not aligned to 4 bytes");
+  c.unit(weight_stride_h, "embedding_weight's hidden stride");
+  c.unit(table_stride_h, "prompt_table's hidden stride");
+  c.stride(weight_stride_v, "embedding_weight's row stride", V, H, H);
+  c.stride(table_stride_p, "prompt_table's token stride", P, H, H);
+  c.stride(table_stride_n, "prompt_table's prompt stride", N, (P - 1) * table_stride_p + H);
+  c.stride(ids_stride_t, "input_ids' token stride", T, 1);
+  c.stride(ids_stride_b, "input_ids' batch stride", B, (T - 1) * ids_stride_t + 1);
+  c.stride(pidx_stride, "prompt_index's stride", B, 1);
+
+  fastpeft::SoftPromptFwdArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.table = reinterpret_cast<const void*>(table);
+  a.input_ids = reinterpret_cast<const int64_t*>(input_ids);
+  a.prompt_index = reinterpret_cast<const int64_t*>(prompt_index);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.B = B, a.T = T, a.P = P, a.H = H, a.V = V, a.N = N;
+  a.ids_stride_b = ids_stride_b, a.ids_stride_t = ids_stride_t;
+  a.weight_stride_v = weight_stride_v;
+  a.table_stride_n = table_stride_n, a.table_stride_p = table_stride_p;
+  a.pidx_stride = pidx_stride;
+  const int64_t w = 16 / Checker::itemsize(out_dtype);
+  const bool vec = aligned16({out, weight, table}) && multiple_of(w, {H, weight_stride_v, table_stride_n, table_stride_p});
+  raise_if_failed(fastpeft::launch_soft_prompt_fwd(a, out_dtype, table_dtype, vec, as_stream(stream)), c.fn);
+}
+
+void soft_prompt_table_bwd(std::uintptr_t d_table, int table_dtype, std::uintptr_t dout, int dout_dtype,
+                           std::uintptr_t prompt_index, int64_t B, int64_t S, int64_t P, int64_t H, int64_t N,
+                           int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h, int64_t pidx_stride,
+                           std::uintptr_t stream) {
+  const Checker c{"soft_prompt_table_bwd"};
+  c.dtype(table_dtype, "the prompt table gradient");
+  c.dtype(dout_dtype, "dout");
+  c.positive(B, "batch size B");
+  c.positive(S, "dout's sequence length S");
+  c.positive(P, "num_virtual_tokens P");
+  c.positive(H, "hidden size H");
+  c.positive(N, "num_prompts N");
+  if (S < P) c.fail("inconsistent sizes: dout has ", S, " positions per row, fewer than the ", P, " prompt tokens");
+  c.extent({N, P, H}, "d_table (N, P, H)");
+  c.extent({B, S, H}, "dout (B, S, H)");
+  c.ptr(d_table, "d_table", Checker::itemsize(table_dtype));
+  c.ptr(dout, "dout", Checker::itemsize(dout_dtype));
+  if (prompt_index == 0 && N != 1)
+    c.fail("inconsistent sizes: prompt_index is null (one shared prompt) but num_prompts N is ", N);
+  if (prompt_index != 0) c.ptr(prompt_index, "prompt_index", 8);
+  c.unit(dout_stride_h, "dout's hidden stride");
+  c.stride(dout_stride_s, "dout's sequence stride", S, H, H);
+  c.stride(dout_stride_b, "dout's batch stride", B, (S - 1) * dout_stride_s + H);
+  c.stride(pidx_stride, "prompt_index's stride", B, 1);
+
+  fastpeft::SoftPromptTableBwdArgs a{};
+  a.d_table = reinterpret_cast<void*>(d_table);
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.prompt_index = reinterpret_cast<const int64_t*>(prompt_index);
+  a.B = B, a.P = P, a.H = H, a.N = N;
+  a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
+  a.pidx_stride = pidx_stride;
+  const int64_t w = 16 / Checker::itemsize(dout_dtype);
+  const bool vec = aligned16({d_table, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
+  raise_if_failed(fastpeft::launch_soft_prompt_table_bwd(a, dout_dtype, table_dtype, vec, as_stream(stream)), c.fn);
+}
+
+// Shared checks of the two word-embedding backwards.
+void check_weight_bwd(const Checker& c, std::uintptr_t d_weight, int weight_dtype, std::uintptr_t dout, int dout_dtype,
+                      std::uintptr_t bad_index, int64_t B, int64_t S, int64_t T, int64_t P, int64_t H, int64_t V,
+                      int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h) {
+  c.dtype(weight_dtype, "the embedding gradient");
+  c.dtype(dout_dtype, "dout");
+  c.positive(B, "batch size B");
+  c.nonnegative(T, "sequence length T");
+  c.nonnegative(P, "num_virtual_tokens P");
+  c.positive(H, "hidden size H");
+  c.positive(V, "vocabulary size V");
+  if (S != P + T)
+    c.fail("inconsistent sizes: dout has ", S, " positions per row but P + T = ", P, " + ", T, " = ", P + T);
+  c.extent({V, H}, "d_weight (V, H)");
+  c.extent({B, S, H}, "dout (B, S, H)");
+  c.ptr(d_weight, "d_weight", Checker::itemsize(weight_dtype));
+  c.ptr(dout, "dout", Checker::itemsize(dout_dtype));
+  if (bad_index != 0 && bad_index % 4 != 0) c.fail("pointer for bad_index is not aligned to 4 bytes");
+  c.unit(dout_stride_h, "dout's hidden stride");
+  c.stride(dout_stride_s, "dout's sequence stride", S, H, H);
+  c.stride(dout_stride_b, "dout's batch stride", B, (S - 1) * dout_stride_s + H);
+}
+
+void soft_prompt_weight_bwd(std::uintptr_t d_weight, std::uintptr_t dout, int dout_dtype, std::uintptr_t input_ids,
+                            std::uintptr_t bad_index, int64_t B, int64_t S, int64_t T, int64_t P, int64_t H,
+                            int64_t V, int64_t ids_stride_b, int64_t ids_stride_t, int64_t dout_stride_b,
+                            int64_t dout_stride_s, int64_t dout_stride_h, std::uintptr_t stream) {
+  const Checker c{"soft_prompt_weight_bwd"};
+  check_weight_bwd(c, d_weight, kFloat32, dout, dout_dtype, bad_index, B, S, T, P, H, V, dout_stride_b,
+                   dout_stride_s, dout_stride_h);
+  if (T > 0) c.ptr(input_ids, "input_ids", 8);
+  c.stride(ids_stride_t, "input_ids' token stride", T, 1);
+  c.stride(ids_stride_b, "input_ids' batch stride", B, (T - 1) * ids_stride_t + 1);
+  if (T == 0) return;  // no word positions: d_weight stays as the caller zeroed it
+
+  fastpeft::SoftPromptWeightBwdArgs a{};
+  a.d_weight = reinterpret_cast<void*>(d_weight);
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.input_ids = reinterpret_cast<const int64_t*>(input_ids);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.B = B, a.T = T, a.P = P, a.H = H, a.V = V;
+  a.ids_stride_b = ids_stride_b, a.ids_stride_t = ids_stride_t;
+  a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
+  const int64_t w = 16 / Checker::itemsize(dout_dtype);
+  const bool vec = aligned16({d_weight, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
+  raise_if_failed(fastpeft::launch_soft_prompt_weight_bwd_atomic(a, dout_dtype, vec, as_stream(stream)), c.fn);
+}
+
+void soft_prompt_weight_bwd_sorted(std::uintptr_t d_weight, int weight_dtype, std::uintptr_t dout, int dout_dtype,
+                                   std::uintptr_t sorted_ids, std::uintptr_t order, std::uintptr_t bad_index,
+                                   int64_t B, int64_t S, int64_t T, int64_t P, int64_t H, int64_t V,
+                                   int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h,
+                                   std::uintptr_t stream) {
+  const Checker c{"soft_prompt_weight_bwd_sorted"};
+  check_weight_bwd(c, d_weight, weight_dtype, dout, dout_dtype, bad_index, B, S, T, P, H, V, dout_stride_b,
+                   dout_stride_s, dout_stride_h);
+  if (T == 0) return;
+  c.ptr(sorted_ids, "sorted_ids", 8);
+  c.ptr(order, "order", 8);
+
+  fastpeft::SoftPromptWeightBwdArgs a{};
+  a.d_weight = reinterpret_cast<void*>(d_weight);
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.sorted_ids = reinterpret_cast<const int64_t*>(sorted_ids);
+  a.order = reinterpret_cast<const int64_t*>(order);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.B = B, a.T = T, a.P = P, a.H = H, a.V = V;
+  a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
+  const int64_t w = 16 / Checker::itemsize(dout_dtype);
+  const bool vec = aligned16({d_weight, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
+  raise_if_failed(fastpeft::launch_soft_prompt_weight_bwd_sorted(a, dout_dtype, weight_dtype, vec, as_stream(stream)),
+                  c.fn);
+}
+
+// ---- IA3 ---------------------------------------------------------------------------------------
+
+void ia3_scale_grad(std::uintptr_t out, int out_dtype, std::uintptr_t a_ptr, std::uintptr_t b_ptr, int in_dtype,
+                    int64_t M, int64_t N, int64_t a_stride_m, int64_t a_stride_n, int64_t b_stride_m,
+                    int64_t b_stride_n, std::uintptr_t stream) {
+  const Checker c{"ia3_scale_grad"};
+  c.dtype(out_dtype, "dl (the output)");
+  c.dtype(in_dtype, "a and b");
+  c.nonnegative(M, "M (rows summed over)");
+  c.positive(N, "N (columns, the size of dl)");
+  c.extent({M, N}, "a (M, N)");
+  c.ptr(out, "out", Checker::itemsize(out_dtype));
+  c.ptr(a_ptr, "a", Checker::itemsize(in_dtype));
+  c.ptr(b_ptr, "b", Checker::itemsize(in_dtype));
+  c.stride(a_stride_n, "a's column stride", N, 1);
+  c.stride(a_stride_m, "a's row stride", M, (N - 1) * a_stride_n + 1);
+  c.stride(b_stride_n, "b's column stride", N, 1);
+  c.stride(b_stride_m, "b's row stride", M, (N - 1) * b_stride_n + 1);
+
+  fastpeft::ColumnDotArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.a = reinterpret_cast<const void*>(a_ptr);
+  a.b = reinterpret_cast<const void*>(b_ptr);
+  a.M = M, a.N = N;
+  a.a_stride_m = a_stride_m, a.a_stride_n = a_stride_n, a.b_stride_m = b_stride_m, a.b_stride_n = b_stride_n;
+  raise_if_failed(fastpeft::launch_column_dot(a, in_dtype, out_dtype, as_stream(stream)), c.fn);
+}
+
+// ---- build facts -------------------------------------------------------------------------------
+
+std::vector<int> parse_archs(const std::string& s) {
+  std::vector<int> archs;
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t end = s.find(',', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) archs.push_back(std::stoi(s.substr(start, end - start)));
+    start = end + 1;
+  }
+  return archs;
+}
+
+// (count, None) or (0, "why no device is usable"), without raising: info() calls this on
+// machines with no GPU or no driver.
+py::tuple device_count() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it so a later launch check does not report it
+    return py::make_tuple(0, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  }
+  return py::make_tuple(n, py::none());
+}
+
+}  // namespace
+
+#ifndef FASTPEFT_MODULE_NAME
+#define FASTPEFT_MODULE_NAME _C  // tests build a CPU-emulated copy under another name
+#endif
+
+PYBIND11_MODULE(FASTPEFT_MODULE_NAME, m) {
+  m.doc() = "fastpeft CUDA kernels (pointer-based; see fastpeft/_cext.py for the tensor wrappers)";
+  using py::arg;
+
+  m.def("soft_prompt_fwd", &soft_prompt_fwd, "out[b] = [cast(table[prompt_index[b]]) ; weight[input_ids[b]]]",
+        arg("out"), arg("out_dtype"), arg("weight"), arg("input_ids"), arg("table"), arg("table_dtype"),
+        arg("prompt_index"), arg("bad_index"), arg("B"), arg("T"), arg("P"), arg("H"), arg("V"), arg("N"),
+        arg("ids_stride_b"), arg("ids_stride_t"), arg("weight_stride_v"), arg("weight_stride_h"),
+        arg("table_stride_n"), arg("table_stride_p"), arg("table_stride_h"), arg("pidx_stride"), arg("stream"));
+  m.def("soft_prompt_table_bwd", &soft_prompt_table_bwd,
+        "d_table = prompt part of dout summed over rows (shared) or scattered by prompt_index; deterministic",
+        arg("d_table"), arg("table_dtype"), arg("dout"), arg("dout_dtype"), arg("prompt_index"), arg("B"), arg("S"),
+        arg("P"), arg("H"), arg("N"), arg("dout_stride_b"), arg("dout_stride_s"), arg("dout_stride_h"),
+        arg("pidx_stride"), arg("stream"));
+  m.def("soft_prompt_weight_bwd", &soft_prompt_weight_bwd,
+        "d_weight (fp32, zeroed by the caller) += word part of dout scattered by input_ids (fp32 atomics)",
+        arg("d_weight"), arg("dout"), arg("dout_dtype"), arg("input_ids"), arg("bad_index"), arg("B"), arg("S"),
+        arg("T"), arg("P"), arg("H"), arg("V"), arg("ids_stride_b"), arg("ids_stride_t"), arg("dout_stride_b"),
+        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"));
+  m.def("soft_prompt_weight_bwd_sorted", &soft_prompt_weight_bwd_sorted,
+        "deterministic d_weight from stably sorted ids and their flat positions (zeroed by the caller)",
+        arg("d_weight"), arg("weight_dtype"), arg("dout"), arg("dout_dtype"), arg("sorted_ids"), arg("order"),
+        arg("bad_index"), arg("B"), arg("S"), arg("T"), arg("P"), arg("H"), arg("V"), arg("dout_stride_b"),
+        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"));
+  m.def("ia3_scale_grad", &ia3_scale_grad, "dl[n] = sum_m a[m, n] * b[m, n] in fp32; deterministic", arg("out"),
+        arg("out_dtype"), arg("a"), arg("b"), arg("in_dtype"), arg("M"), arg("N"), arg("a_stride_m"),
+        arg("a_stride_n"), arg("b_stride_m"), arg("b_stride_n"), arg("stream"));
+  m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
+
+  py::dict codes;
+  codes["float32"] = int(kFloat32);
+  codes["float16"] = int(kFloat16);
+  codes["bfloat16"] = int(kBFloat16);
+  m.attr("DTYPE_CODES") = codes;
+  m.attr("CUDA_ARCHS") = parse_archs(FASTPEFT_SASS_ARCHS);  // SASS compiled in, e.g. [80, 86, 89, 90]
+  m.attr("PTX_ARCHS") = parse_archs(FASTPEFT_PTX_ARCHS);    // PTX embedded for JIT on newer GPUs
+  m.attr("CUDA_RUNTIME_VERSION") = int(CUDART_VERSION);  // the statically linked runtime, e.g. 13000
+}

@@ -1,0 +1,76 @@
+// Host-side interface of the fastpeft._C kernels: dtype codes, argument structs and launchers.
+// No libtorch: tensors arrive as device pointers plus sizes and strides (in elements, int64);
+// bindings.cpp validates every argument before calling a launcher.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fastpeft {
+
+// dtype codes shared with fastpeft/_cext.py (DTYPE_CODES)
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+constexpr int kThreads = 256;  // every kernel launches 256-thread blocks
+
+// out (B, P+T, H) contiguous  <-  table (N, P, H) rows picked by prompt_index (or shared when
+// prompt_index is null) and weight (V, H) rows picked by input_ids (B, T).
+struct SoftPromptFwdArgs {
+  void* out;
+  const void* weight;
+  const void* table;
+  const int64_t* input_ids;
+  const int64_t* prompt_index;  // null: one shared prompt
+  int* bad_index;               // null or a device int set to 1 when an index is out of range
+  int64_t B, T, P, H, V, N;
+  int64_t ids_stride_b, ids_stride_t;
+  int64_t weight_stride_v;
+  int64_t table_stride_n, table_stride_p;
+  int64_t pidx_stride;
+};
+
+// d_table (N, P, H) or (P, H) contiguous  <-  prompt part of dout (B, S = P+T, H)
+struct SoftPromptTableBwdArgs {
+  void* d_table;
+  const void* dout;
+  const int64_t* prompt_index;  // null: shared prompt, sum over every row
+  int64_t B, P, H, N;
+  int64_t dout_stride_b, dout_stride_s;
+  int64_t pidx_stride;
+};
+
+// d_weight (V, H) contiguous  <-  word part of dout, scattered by input_ids
+struct SoftPromptWeightBwdArgs {
+  void* d_weight;
+  const void* dout;
+  const int64_t* input_ids;    // atomic mode: (B, T) ids with strides
+  const int64_t* sorted_ids;   // sorted mode: ids flattened and stably sorted
+  const int64_t* order;        // sorted mode: flat position b*T + t of each sorted id
+  int* bad_index;
+  int64_t B, T, P, H, V;
+  int64_t ids_stride_b, ids_stride_t;
+  int64_t dout_stride_b, dout_stride_s;
+};
+
+// dl (N,) = sum_m a[m, n] * b[m, n] in fp32
+struct ColumnDotArgs {
+  void* out;
+  const void* a;
+  const void* b;
+  int64_t M, N;
+  int64_t a_stride_m, a_stride_n, b_stride_m, b_stride_n;
+};
+
+// Launchers: return the launch status (cudaGetLastError) for the host side to raise on.
+cudaError_t launch_soft_prompt_fwd(const SoftPromptFwdArgs& a, int out_dtype, int table_dtype, bool vec,
+                                   cudaStream_t stream);
+cudaError_t launch_soft_prompt_table_bwd(const SoftPromptTableBwdArgs& a, int dout_dtype, int table_dtype, bool vec,
+                                         cudaStream_t stream);
+cudaError_t launch_soft_prompt_weight_bwd_atomic(const SoftPromptWeightBwdArgs& a, int dout_dtype, bool vec,
+                                                 cudaStream_t stream);
+cudaError_t launch_soft_prompt_weight_bwd_sorted(const SoftPromptWeightBwdArgs& a, int dout_dtype, int weight_dtype,
+                                                 bool vec, cudaStream_t stream);
+cudaError_t launch_column_dot(const ColumnDotArgs& a, int in_dtype, int out_dtype, cudaStream_t stream);
+
+}  // namespace fastpeft

@@ -1,0 +1,231 @@
+"""Tensor-level wrappers over the CUDA C++ extension fastpeft._C (csrc/).
+
+The extension links no libtorch: its entry points take device pointers, sizes, strides (in
+elements), dtype codes and the caller's CUDA stream as integers, and check them all before any
+launch.  This module owns the tensors: it allocates outputs, passes pointers on the current
+stream of the tensors' device, and turns out-of-range indices the kernels flag into an
+asynchronous device assertion (FASTPEFT_CHECK_INDICES=0 skips that check).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _C
+except ImportError as exc:  # not built (no nvcc at install time) or built for another Python
+    _C = None
+    _IMPORT_ERROR: str | None = (f"the CUDA extension fastpeft._C is not built or does not load ({exc}); "
+                                 f"reinstall fastpeft where nvcc is found (FASTPEFT_FORCE_CUDA=1 makes that an error)")
+else:
+    _IMPORT_ERROR = None
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def available() -> bool:
+    """Whether fastpeft._C was built and imports here (a GPU may still be missing)."""
+    return _C is not None
+
+
+def why_unavailable() -> str | None:
+    """Why fastpeft._C cannot be used here, or None when it imports."""
+    return _IMPORT_ERROR
+
+
+def archs() -> list[int]:
+    """Compute capabilities fastpeft._C holds SASS for, e.g. [80, 86, 89, 90] ([] when not built)."""
+    return list(_C.CUDA_ARCHS) if _C is not None else []
+
+
+def ptx_archs() -> list[int]:
+    """Compute capabilities whose PTX is embedded too (JIT-compiled on newer GPUs)."""
+    return list(_C.PTX_ARCHS) if _C is not None else []
+
+
+def why_not_device(device: torch.device) -> str | None:
+    """Why fastpeft._C has no kernel for this CUDA device, or None when it has one.
+
+    SASS for sm_XY runs on compute capability X.Z with Z >= Y; PTX for compute_XY on anything
+    newer than XY."""
+    if _C is None:
+        return _IMPORT_ERROR
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = major * 10 + minor
+    if any(a // 10 == major and a <= cap for a in _C.CUDA_ARCHS) or any(a <= cap for a in _C.PTX_ARCHS):
+        return None
+    built = ", ".join(f"sm_{a}" for a in _C.CUDA_ARCHS) + "".join(f", compute_{a} (PTX)" for a in _C.PTX_ARCHS)
+    return (f"fastpeft._C has no kernels for this GPU (sm_{cap}); it was built for {built} — rebuild with "
+            f"FASTPEFT_CUDA_ARCH_LIST={major}.{minor}")
+
+
+def _code(t: torch.Tensor | torch.dtype, what: str) -> int:
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    code = DTYPE_CODES.get(dtype)
+    if code is None:
+        raise ValueError(f"{what} has dtype {dtype}; the CUDA kernels take float32, float16 or bfloat16")
+    return code
+
+
+def _lib():
+    if _C is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    return _C
+
+
+def _on_cuda(**tensors: torch.Tensor | None) -> torch.device:
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_cuda:
+            raise ValueError(f"{name} is on {t.device}; the CUDA kernels need CUDA tensors")
+        if device is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but other arguments are on {device}")
+        device = t.device
+    return device
+
+
+def _hidden_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of contiguous elements; other strides are passed as they are."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _index_flag(device: torch.device) -> torch.Tensor | None:
+    if os.environ.get("FASTPEFT_CHECK_INDICES", "1") == "0":
+        return None
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _assert_indices(flag: torch.Tensor | None, what: str) -> None:
+    if flag is not None:
+        torch._assert_async(flag[0] == 0, f"{what}: an input_id or prompt_index is out of range")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTPEFT_DETERMINISTIC") == "1"
+
+
+# ---- soft_prompt_embed -------------------------------------------------------------------------
+
+def soft_prompt_forward(input_ids: torch.Tensor, embedding_weight: torch.Tensor, prompt_table: torch.Tensor,
+                        prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b] = [prompt_table[prompt_index[b]] (or the shared (P, H) table) ; embedding_weight[input_ids[b]]]."""
+    C = _lib()
+    device = _on_cuda(input_ids=input_ids, embedding_weight=embedding_weight, prompt_table=prompt_table,
+                      prompt_index=prompt_index)
+    B, T = input_ids.shape
+    V, H = embedding_weight.shape
+    P = prompt_table.shape[-2]
+    shared = prompt_index is None
+    out = torch.empty((B, P + T, H), dtype=embedding_weight.dtype, device=device)
+    if out.numel() == 0 or P == 0:
+        from .ops.soft_prompt import reference_forward
+        return reference_forward(input_ids, embedding_weight, prompt_table, prompt_index)
+    ids = input_ids.long()
+    weight = _hidden_contiguous(embedding_weight)
+    table = _hidden_contiguous(prompt_table)
+    pidx = None if shared else prompt_index.long()
+    flag = _index_flag(device)
+    with torch.cuda.device(device):
+        C.soft_prompt_fwd(
+            out=out.data_ptr(), out_dtype=_code(weight, "embedding_weight"), weight=weight.data_ptr(),
+            input_ids=ids.data_ptr(), table=table.data_ptr(), table_dtype=_code(table, "prompt_table"),
+            prompt_index=_ptr(pidx), bad_index=_ptr(flag), B=B, T=T, P=P, H=H, V=V,
+            N=1 if shared else table.shape[0], ids_stride_b=ids.stride(0), ids_stride_t=ids.stride(1),
+            weight_stride_v=weight.stride(0), weight_stride_h=weight.stride(1),
+            table_stride_n=0 if shared else table.stride(0), table_stride_p=table.stride(-2),
+            table_stride_h=table.stride(-1), pidx_stride=0 if shared else pidx.stride(0),
+            stream=torch.cuda.current_stream(device).cuda_stream)
+    _assert_indices(flag, "soft_prompt_embed")
+    return out
+
+
+def soft_prompt_backward(dout: torch.Tensor, input_ids: torch.Tensor, prompt_index: torch.Tensor | None,
+                         num_prompts: int, prompt_dtype: torch.dtype) -> torch.Tensor:
+    """Prompt-table gradient: (P, H) summed over rows, or (N, P, H) scattered by prompt_index (fp32 sums)."""
+    C = _lib()
+    device = _on_cuda(dout=dout, input_ids=input_ids, prompt_index=prompt_index)
+    B, S, H = dout.shape
+    P = S - input_ids.shape[1]
+    shape = (P, H) if prompt_index is None else (num_prompts, P, H)
+    if B == 0 or P == 0 or num_prompts == 0:
+        return torch.zeros(shape, dtype=prompt_dtype, device=device)
+    dout = _hidden_contiguous(dout)
+    out_dtype = prompt_dtype if prompt_dtype in DTYPE_CODES else torch.float32
+    d_table = torch.empty(shape, dtype=out_dtype, device=device)
+    pidx = None if prompt_index is None else prompt_index.long()
+    with torch.cuda.device(device):
+        C.soft_prompt_table_bwd(
+            d_table=d_table.data_ptr(), table_dtype=_code(out_dtype, "prompt_table"), dout=dout.data_ptr(),
+            dout_dtype=_code(dout, "dout"), prompt_index=_ptr(pidx), B=B, S=S, P=P, H=H,
+            N=1 if pidx is None else num_prompts, dout_stride_b=dout.stride(0), dout_stride_s=dout.stride(1),
+            dout_stride_h=dout.stride(2), pidx_stride=0 if pidx is None else pidx.stride(0),
+            stream=torch.cuda.current_stream(device).cuda_stream)
+    return d_table.to(prompt_dtype)
+
+
+def soft_prompt_embedding_backward(dout: torch.Tensor, input_ids: torch.Tensor, num_words: int,
+                                   weight_dtype: torch.dtype, deterministic: bool | None = None) -> torch.Tensor:
+    """Word-embedding gradient (V, H) from the word part of dout.
+
+    deterministic (default: torch.are_deterministic_algorithms_enabled() or
+    FASTPEFT_DETERMINISTIC=1) sorts the ids and sums each id's rows in a fixed order; otherwise
+    fp32 atomics scatter the rows (faster, not bitwise reproducible)."""
+    C = _lib()
+    device = _on_cuda(dout=dout, input_ids=input_ids)
+    B, S, H = dout.shape
+    T = input_ids.shape[1]
+    if B == 0 or T == 0:
+        return torch.zeros((num_words, H), dtype=weight_dtype, device=device)
+    dout = _hidden_contiguous(dout)
+    ids = input_ids.long()
+    flag = _index_flag(device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    sizes = dict(B=B, S=S, T=T, P=S - T, H=H, V=num_words, dout_stride_b=dout.stride(0),
+                 dout_stride_s=dout.stride(1), dout_stride_h=dout.stride(2))
+    with torch.cuda.device(device):
+        if deterministic if deterministic is not None else _deterministic():
+            out_dtype = weight_dtype if weight_dtype in DTYPE_CODES else torch.float32
+            d_weight = torch.zeros((num_words, H), dtype=out_dtype, device=device)
+            sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
+            C.soft_prompt_weight_bwd_sorted(
+                d_weight=d_weight.data_ptr(), weight_dtype=_code(out_dtype, "embedding_weight"),
+                dout=dout.data_ptr(), dout_dtype=_code(dout, "dout"), sorted_ids=sorted_ids.data_ptr(),
+                order=order.data_ptr(), bad_index=_ptr(flag), stream=stream, **sizes)
+        else:
+            d_weight = torch.zeros((num_words, H), dtype=torch.float32, device=device)
+            C.soft_prompt_weight_bwd(
+                d_weight=d_weight.data_ptr(), dout=dout.data_ptr(), dout_dtype=_code(dout, "dout"),
+                input_ids=ids.data_ptr(), bad_index=_ptr(flag), ids_stride_b=ids.stride(0),
+                ids_stride_t=ids.stride(1), stream=stream, **sizes)
+    _assert_indices(flag, "soft_prompt_embed backward")
+    return d_weight.to(weight_dtype)
+
+
+# ---- IA3 ---------------------------------------------------------------------------------------
+
+def ia3_scale_grad(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dl[n] = Σ_m a[m, n]·b[m, n], accumulated in fp32 (deterministic), returned in out_dtype."""
+    C = _lib()
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must be 2-D of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    device = _on_cuda(a=a, b=b)
+    M, N = a.shape
+    if M == 0 or N == 0:
+        return torch.zeros(N, dtype=out_dtype, device=device)
+    out = torch.empty(N, dtype=out_dtype, device=device)
+    with torch.cuda.device(device):
+        C.ia3_scale_grad(out=out.data_ptr(), out_dtype=_code(out_dtype, "out_dtype"), a=a.data_ptr(),
+                         b=b.data_ptr(), in_dtype=_code(a, "a"), M=M, N=N, a_stride_m=a.stride(0),
+                         a_stride_n=a.stride(1), b_stride_m=b.stride(0), b_stride_n=b.stride(1),
+                         stream=torch.cuda.current_stream(device).cuda_stream)
+    return out

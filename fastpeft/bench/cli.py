@@ -1,0 +1,121 @@
+"""`fastpeft bench` (also `python -m fastpeft.bench`): fastpeft vs PEFT eager vs torch.compile(PEFT)
+vs the frozen floor, per layer and end to end, with every output checked before it is timed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .common import DTYPES, METHODS
+from .presets import PRESETS, get_preset
+
+EPILOG = """examples:
+  fastpeft bench                              the full suite (ANCHORS shapes on a GPU, tiny on a CPU)
+  fastpeft bench --quick --methods lora,ia3   fewer cases and repeats
+  fastpeft bench --preset 7b --e2e-only --out results/
+  fastpeft bench --compare old/results.json new/results.json
+
+exit status: 0 when every fastpeft result matches the reference, 1 when one does not (or fastpeft
+raised), 2 for a usage error."""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} "
+                                         f"(comma-separated)")
+    if not names:
+        raise argparse.ArgumentTypeError(f"no method given; choose from {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpeft bench", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", type=_methods, default=METHODS, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="shapes: anchors (ANCHORS.md; GPU default), tiny (CPU default), small, 1b, 7b")
+    p.add_argument("--batch", type=_positive, help="batch size (default: the preset's)")
+    p.add_argument("--seq", type=_positive, help="sequence length (default: the preset's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16 (GPU default), fp16, fp32 (CPU default)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is a GPU")
+    p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    p.add_argument("--repeats", type=_positive, help="timed repeats per case (default 20, quick 10)")
+    p.add_argument("--warmup", type=_positive, help="untimed calls before timing (default 5, quick 2)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile(PEFT) column")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--layers-only", action="store_true", help="per-layer cases only")
+    scope.add_argument("--e2e-only", action="store_true", help="end-to-end training steps only")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.md, speed.png, memory.png here")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="print what changed between two results files and exit")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .suite import Settings
+
+    has_gpu = torch.cuda.is_available()
+    device = args.device or ("cuda" if has_gpu else "cpu")
+    if device == "cuda" and not has_gpu:
+        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+    preset = get_preset(args.preset or ("anchors" if device == "cuda" else "tiny"), args.batch, args.seq)
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    compile_on, note = True, ""
+    if args.no_compile:
+        compile_on, note = False, "--no-compile"
+    elif args.quick and device == "cpu":
+        compile_on, note = False, ("--quick on a CPU (compiling each case takes tens of seconds here; "
+                                   "drop --quick to include it)")
+    warmup = args.warmup or (2 if args.quick else 5)
+    repeats = args.repeats or (10 if args.quick else 20)
+    return Settings(preset=preset, dtype_name=dtype_name, dtype=DTYPES[dtype_name], device=device,
+                    methods=args.methods, layers=not args.e2e_only, e2e=not args.layers_only, compile=compile_on,
+                    compile_note=note, quick=args.quick, warmup=warmup, repeats=repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        from .compare import CompareError, compare, load
+
+        try:
+            a, b = (load(path) for path in args.compare)
+        except CompareError as exc:
+            parser.error(f"--compare: {exc}")
+        print(compare(a, b, *args.compare))
+        return 0
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out: {args.out} exists and is not a folder")
+    settings = settings_from_args(args, parser)
+
+    from .report import text_table, write_all
+    from .suite import run_suite
+
+    doc = run_suite(settings)
+    print(text_table(doc), flush=True)
+    if args.out:
+        write_all(doc, args.out, log=lambda line: print(line, file=sys.stderr))
+    else:
+        print("(add --out DIR to keep the results as JSON, Markdown and plots)", file=sys.stderr)
+    if doc["failures"]:
+        print(f"fastpeft bench: FAILED: {len(doc['failures'])} fastpeft result(s) differ from the reference "
+              f"or raised; see the table", file=sys.stderr)
+        return 1
+    return 0

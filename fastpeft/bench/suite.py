@@ -1,0 +1,267 @@
+"""Runs the cases: builds each provider, checks its outputs against the reference, then times it.
+
+A provider whose check fails is not timed and fails the run; fastpeft methods that are not
+implemented yet (NotImplementedError / ImportError) show as "not available"; a torch.compile
+failure shows its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import backend
+from .check import CheckResult, compare, tolerance
+from .common import METHODS, PROVIDER_NAMES, Case, NotAvailable, compile_error, peft_module
+from .e2e import e2e_case
+from .layers import LAYER_CASES
+from .presets import Preset
+from .timing import measure, memory_allocated, release_memory
+
+SCHEMA = "fastpeft-bench/1"
+CPU_NOTE = ("no GPU here: fastpeft's kernels need a CUDA GPU, so these are CPU reference figures "
+            "(PyTorch reference ops), not kernel performance")
+PEFT_MISSING_NOTE = ("PEFT is not installed: fastpeft columns only, checked against fastpeft's own torch "
+                     "reference; `pip install peft` adds the PEFT and torch.compile(PEFT) reference columns")
+
+
+@dataclass
+class Settings:
+    preset: Preset
+    dtype_name: str
+    dtype: torch.dtype
+    device: str
+    methods: tuple[str, ...] = METHODS
+    layers: bool = True
+    e2e: bool = True
+    compile: bool = True
+    compile_note: str = ""
+    quick: bool = False
+    warmup: int = 5
+    repeats: int = 20
+
+    def to_json(self) -> dict:
+        p = self.preset
+        return {"preset": p.name, "dtype": self.dtype_name, "device": self.device, "batch": p.batch, "seq": p.seq,
+                "methods": list(self.methods), "layers": self.layers, "e2e": self.e2e, "compile": self.compile,
+                "quick": self.quick, "warmup": self.warmup, "repeats": self.repeats, "rank": p.rank,
+                "alpha": p.alpha, "virtual_tokens": p.virtual_tokens,
+                "model": {"hidden": p.model.hidden, "mlp": p.model.mlp, "heads": p.model.heads,
+                          "kv_heads": p.model.kv_heads, "layers": p.model.layers, "vocab": p.model.vocab},
+                "layer_shapes": {"hidden": p.layer_hidden, "mlp": p.layer_mlp, "heads": p.layer_heads}}
+
+
+def build_cases(s: Settings) -> list[Case]:
+    cases: list[Case] = []
+    if s.layers:
+        for method in s.methods:
+            cases += LAYER_CASES[method](s.preset, s.dtype, s.device, s.quick)
+    if s.e2e:
+        cases += [e2e_case(method, s.preset, s.dtype, s.device) for method in s.methods]
+    return cases
+
+
+# ----------------------------------------------------------------------------- environment
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def environment(device: str) -> dict:
+    import fastpeft
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        dev = {"kind": "cuda", "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    else:
+        dev = {"kind": "cpu", "name": platform.processor() or platform.machine() or "CPU",
+               "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
+                "transformers": _version("transformers"), "peft": _version("peft") if peft_module() else None,
+                "fastpeft": fastpeft.__version__}
+    return {"device": dev, "versions": versions, "git": git_revision(),
+            "backend": {"forced": backend.get_backend() or "auto",
+                        "available": {op: backend.available(op) for op in
+                                      ("lora_linear", "ia3_linear", "prefix_attention", "soft_prompt_embed")}}}
+
+
+def git_revision() -> dict | None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class _Progress:
+    total: int
+    write: Callable[[str], None]
+    done: int = 0
+
+    def start(self, case: Case, provider: str) -> None:
+        self.done += 1
+        self.write(f"[{self.done:>3}/{self.total}] {case.id} · {PROVIDER_NAMES[provider]} ... ")
+
+    def end(self, text: str) -> None:
+        self.write(text + "\n")
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _providers(s: Settings, have_peft: bool) -> list[str]:
+    out = ["floor"]
+    if have_peft:
+        out.append("peft")
+        if s.compile:
+            out.append("compile")
+    return out + ["fastpeft"]
+
+
+def _record(case: Case, provider: str) -> dict:
+    return {"id": f"{case.id}/{provider}", "case": case.id, "kind": case.kind, "method": case.method,
+            "provider": provider, "provider_name": PROVIDER_NAMES[provider], "description": case.description,
+            "tokens": case.tokens, "status": "ok", "error": None, "median_ms": None, "peak_mib": None,
+            "repeats": None, "tokens_per_s": None, "vs_floor": None, "vs_peft": None,
+            "check": CheckResult("not run").to_json(), "backend": None}
+
+
+def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> list[dict]:
+    providers = _providers(s, have_peft)
+    records = [_record(case, p) for p in providers]
+    tol = tolerance(s.dtype, case.kind)
+    reference: dict | None = None
+    try:
+        builders = case.setup()
+    except Exception as exc:  # the case's inputs or model could not be built
+        for rec in records:
+            rec.update(status="error", error=compile_error(exc))
+        progress.done += len(providers)
+        progress.write(f"{case.id}: could not set up ({compile_error(exc)})\n")
+        return records
+    for provider, rec in zip(providers, records):
+        progress.start(case, provider)
+        runner = None
+        try:
+            baseline = memory_allocated(s.device)
+            runner = builders[provider]()
+            if provider == "floor":
+                check = CheckResult("floor", detail=case.floor_note)
+            elif provider == "peft":
+                reference = runner.outputs()
+                check = CheckResult("reference", detail="the reference the other columns are checked against")
+            else:
+                against = "PEFT"
+                if provider == "fastpeft":
+                    if not have_peft:
+                        with backend.use_backend("torch"):
+                            reference = runner.outputs()
+                        against = "fastpeft's torch reference"
+                    for op in case.ops:
+                        backend._LAST.pop(op, None)  # so that the record names the backend this case used
+                outputs = runner.outputs()
+                if provider == "fastpeft":
+                    rec["backend"] = {op: backend.last_backend(op) or "not used" for op in case.ops}
+                check = (compare(outputs, reference, tol, against) if reference is not None else
+                         CheckResult("not run", detail="no reference: the PEFT column failed"))
+            rec["check"] = check.to_json()
+            if check.status == "fail":
+                rec["status"] = "fail"
+                progress.end(f"CHECK FAILED: {check.detail}")
+                continue
+            m = measure(runner.step, warmup=s.warmup, repeats=s.repeats, device=s.device,
+                        memory_baseline=baseline if case.kind == "e2e" else None)
+            rec.update(median_ms=m.median_ms, peak_mib=m.peak_mib, repeats=m.repeats,
+                       tokens_per_s=case.tokens / (m.median_ms / 1e3) if m.median_ms > 0 else None)
+            progress.end(f"{m.median_ms:.3f} ms" + (f", check {check.status} ({check.max_rel_err:.1e})"
+                                                     if check.max_rel_err is not None else ""))
+        except (NotImplementedError, ImportError, NotAvailable) as exc:
+            status = "not available" if provider == "fastpeft" else "error"
+            rec.update(status=status, error=compile_error(exc))
+            progress.end(f"{status}: {rec['error']}")
+        except Exception as exc:
+            rec.update(status="error", error=compile_error(exc))
+            progress.end(f"error: {rec['error']}")
+        finally:
+            del runner
+            if provider == "compile":
+                torch._dynamo.reset()  # compiled graphs hold on to the model and its activations' sizes
+            release_memory(s.device)
+    del builders
+    release_memory(s.device)
+    _ratios(records)
+    return records
+
+
+def _ratios(records: list[dict]) -> None:
+    ms = {r["provider"]: r["median_ms"] for r in records if r["median_ms"]}
+    for r in records:
+        if r["median_ms"] is None:
+            continue
+        if ms.get("floor"):
+            r["vs_floor"] = r["median_ms"] / ms["floor"]
+        if ms.get("peft"):
+            r["vs_peft"] = r["median_ms"] / ms["peft"]
+
+
+def failures(cases: list[dict]) -> list[str]:
+    """What makes the run fail: a fastpeft result that differs from the reference, or a fastpeft
+    column that raised an error (a method not implemented yet only shows as "not available")."""
+    out = []
+    for r in cases:
+        if r["provider"] != "fastpeft":
+            continue  # a torch.compile(PEFT) mismatch is shown in the table, it is not fastpeft's failure
+        if r["status"] == "fail":
+            out.append(f"{r['id']}: {r['check']['detail']}")
+        elif r["status"] == "error":
+            out.append(f"{r['id']}: fastpeft raised {r['error']}")
+    return out
+
+
+def run_suite(s: Settings, progress: Callable[[str], None] = _stderr) -> dict:
+    """Run every case; returns the results document (what is written as JSON)."""
+    have_peft = peft_module() is not None
+    cases = build_cases(s)
+    notes = []
+    if s.device != "cuda":
+        notes.append(CPU_NOTE)
+    if not have_peft:
+        notes.append(PEFT_MISSING_NOTE)
+    elif not s.compile:
+        notes.append(f"torch.compile(PEFT) column skipped: {s.compile_note}")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    records: list[dict] = []
+    prog = _Progress(sum(len(_providers(s, have_peft)) for _ in cases), progress)
+    for note in notes:
+        progress(f"note: {note}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in cases:
+            records += run_case(case, s, have_peft, prog)
+    fails = failures(records)
+    return {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
+            "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
+            **environment(s.device), "cpu_reference": s.device != "cuda", "peft_available": have_peft,
+            "notes": notes, "settings": s.to_json(), "cases": records, "ok": not fails, "failures": fails}

@@ -1,0 +1,336 @@
+"""Prefix tuning, prompt tuning and P-tuning for `fastpeft.PeftModel` (PEFT's numbers, fused ops).
+
+Each step runs the adapter's encoder once, giving a table (encoders.py), and routes it through an op:
+
+* prompt tuning / P-tuning: the (P, H) table goes in front of the word embeddings via
+  `ops.soft_prompt_embed`; the attention mask is prefixed with ones and causal-LM labels with -100.
+* prefix tuning: the table, viewed as (L, 2, Hkv, P, D), reaches every attention layer through
+  `ops.prefix_attention` (integrations/transformers_attention.py), never through the KV cache.
+  As in PEFT, where the prefix sits in the cache, real tokens take positions P, P+1, ...
+
+Mixed-task batches: pass `prompt_index` (B,) to `forward` / `generate`; row b uses adapter
+`adapters[prompt_index[b]]`, where `adapters` (a keyword argument, list of adapter names) defaults to
+every adapter of the model in the order added (`list(peft_model.peft_config)`).  The adapters must
+share num_virtual_tokens and shapes; each encoder still runs once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, PrefixTuningConfig, PromptEncoderConfig
+from ..integrations import transformers_attention as attn
+from ..ops import soft_prompt_embed
+from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, build_encoder
+
+__all__ = ["setup_adapter", "forward", "generate", "state_dict_to_save", "load_state", "PromptEmbedding",
+           "PromptEncoder", "PrefixEncoder"]
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def prepare_config(config: PeftConfig, model_config: Any) -> None:
+    """Fill num_layers / token_dim / num_attention_heads / num_transformer_submodules / encoder_hidden_size
+    from the base model's config, as PEFT's `_prepare_prompt_learning_config` does."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+    def first(*names: str, what: str):
+        for n in names:
+            value = getattr(text, n, None)
+            if value is not None:
+                return value
+        raise ValueError(f"cannot read {what} from the base model's config ({type(text).__name__}); "
+                         f"set it in {type(config).__name__}")
+
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 1
+    if config.num_transformer_submodules != 1:
+        raise NotImplementedError("fastpeft supports decoder-only and encoder-only models "
+                                  "(num_transformer_submodules=1)")
+    if config.num_layers is None:
+        config.num_layers = first("num_hidden_layers", "num_layers", "n_layer", what="num_layers")
+    if config.token_dim is None:
+        config.token_dim = first("hidden_size", "n_embd", "d_model", what="token_dim")
+    if config.num_attention_heads is None:
+        config.num_attention_heads = first("num_attention_heads", "n_head", "num_heads", what="num_attention_heads")
+    kv_heads = getattr(text, "num_key_value_heads", None)
+    if isinstance(config, PrefixTuningConfig) and kv_heads is not None:
+        head_dim = getattr(text, "head_dim", None) or config.token_dim // config.num_attention_heads
+        config.token_dim = head_dim * kv_heads
+        config.num_attention_heads = kv_heads
+    if getattr(config, "encoder_hidden_size", None) is None and hasattr(config, "encoder_hidden_size"):
+        config.encoder_hidden_size = config.token_dim
+
+
+def setup_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) -> None:
+    """Build `peft_model.prompt_encoder[adapter_name]` for `config`; freeze the base model; for prefix
+    tuning, switch the base model's attention to the prefix-aware implementation."""
+    model = peft_model.base_model
+    if getattr(model, "config", None) is None:
+        raise TypeError(f"prompt learning needs a transformers model with a config, got {type(model).__name__}")
+    prepare_config(config, model.config)
+    if isinstance(config, PrefixTuningConfig):
+        if config.token_dim % config.num_attention_heads:
+            raise ValueError(f"token_dim ({config.token_dim}) must be a multiple of num_attention_heads "
+                             f"({config.num_attention_heads})")
+        attn.install(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    word_embeddings = model.get_input_embeddings()
+    if "word_embeddings" not in peft_model._modules:
+        peft_model.word_embeddings = word_embeddings  # PEFT exposes it (and so has it in its state dict)
+    encoder = build_encoder(config, word_embeddings).to(word_embeddings.weight.device)
+    peft_model.prompt_encoder[adapter_name] = encoder
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _table(peft_model: nn.Module, name: str) -> torch.Tensor:
+    return peft_model.prompt_encoder[name].table()
+
+
+def _tables(peft_model: nn.Module, prompt_index: torch.Tensor | None, adapters: list[str] | None,
+            batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The active adapter's table, or all `adapters`' tables stacked (N, ...) with the checked index."""
+    if prompt_index is None:
+        if adapters is not None:
+            raise ValueError("`adapters` only applies together with `prompt_index` (mixed-task batches)")
+        return _table(peft_model, peft_model.active_adapter), None
+    names = list(peft_model.peft_config) if adapters is None else list(adapters)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown or not names:
+        raise ValueError(f"unknown adapter(s) {unknown} in `adapters`; this model has {list(peft_model.peft_config)}")
+    if not isinstance(prompt_index, torch.Tensor):
+        prompt_index = torch.as_tensor(prompt_index)
+    if prompt_index.is_floating_point() or prompt_index.dtype == torch.bool or tuple(prompt_index.shape) != (batch,):
+        raise ValueError(f"prompt_index must be an integer tensor of shape ({batch},) (one adapter per row), "
+                         f"got {prompt_index.dtype} of shape {tuple(prompt_index.shape)}")
+    if not prompt_index.is_cuda and prompt_index.numel():
+        lo, hi = int(prompt_index.min()), int(prompt_index.max())
+        if lo < 0 or hi >= len(names):
+            raise ValueError(f"prompt_index values must lie in [0, {len(names)}) (adapters {names}), got values "
+                             f"in [{lo}, {hi}]")
+    tables = [_table(peft_model, n) for n in names]
+    shapes = {tuple(t.shape) for t in tables}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(names, tables))
+        raise ValueError(f"adapters in a mixed-task batch need prompt tables of one shape, got {listing}")
+    device = tables[0].device
+    return torch.stack(tables), prompt_index.to(device=device, dtype=torch.long)
+
+
+def _prefix_kv(table: torch.Tensor, config: PrefixTuningConfig) -> torch.Tensor:
+    """(P, L·2·Hkv·D) -> (L, 2, Hkv, P, D); (N, P, ...) -> (L, 2, N, Hkv, P, D).  PEFT's layout: the
+    flat row is (layer, k/v, head, head_dim)."""
+    L, H = config.num_layers, config.num_attention_heads
+    D = config.token_dim // H
+    if table.dim() == 2:
+        return table.view(table.shape[0], L, 2, H, D).permute(1, 2, 3, 0, 4).contiguous()
+    return table.view(table.shape[0], table.shape[1], L, 2, H, D).permute(2, 3, 0, 4, 1, 5).contiguous()
+
+
+def _batch_size(input_ids, inputs_embeds) -> int:
+    if input_ids is not None:
+        return input_ids.shape[0]
+    if inputs_embeds is not None:
+        return inputs_embeds.shape[0]
+    raise ValueError("pass input_ids or inputs_embeds")
+
+
+def _is_seq_cls(config: PeftConfig) -> bool:
+    t = config.task_type
+    return (t.value if hasattr(t, "value") else t) == "SEQ_CLS"
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def forward(peft_model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+            prompt_index: torch.Tensor | None = None, adapters: list[str] | None = None, **kwargs: Any):
+    """The base model's output with the active adapter's prompt (or, with `prompt_index`, each row's)."""
+    config = peft_model.active_peft_config
+    model = peft_model.base_model
+    batch = _batch_size(input_ids, inputs_embeds)
+    table, index = _tables(peft_model, prompt_index, adapters, batch)
+    P = table.shape[-2]
+    seq_cls = _is_seq_cls(config)
+    if kwargs.get("token_type_ids") is not None and not seq_cls:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        kwargs["token_type_ids"] = None
+
+    if isinstance(config, PrefixTuningConfig):
+        if model.training and torch.is_grad_enabled() and _checkpointing(model):
+            raise ValueError("PREFIX_TUNING does not work with gradient checkpointing (as in PEFT)")
+        kwargs["position_ids"] = _prefix_positions(kwargs.get("position_ids"), kwargs.get("past_key_values"),
+                                                   input_ids if input_ids is not None else inputs_embeds, P,
+                                                   _device(input_ids, inputs_embeds))
+        with attn.prefix_context(_prefix_kv(table, config), index, model.config):
+            return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         labels=labels, **kwargs)
+
+    if kwargs.get("position_ids") is not None:
+        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+        kwargs["position_ids"] = None
+    if kwargs.get("token_type_ids") is not None:
+        zeros = kwargs["token_type_ids"].new_zeros(batch, P)
+        kwargs["token_type_ids"] = torch.cat([zeros, kwargs["token_type_ids"]], dim=1)
+    word_weight = model.get_input_embeddings().weight
+    if inputs_embeds is None:
+        inputs_embeds = soft_prompt_embed(input_ids, word_weight, table, index)
+    else:
+        # caller-made embeddings: nothing to gather, so the prompt is prepended directly
+        prompts = table.unsqueeze(0).expand(batch, -1, -1) if index is None else table[index]
+        inputs_embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], dim=1)
+    if labels is not None and not seq_cls:
+        labels = torch.cat([labels.new_full((batch, P), -100), labels], dim=1)
+    return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # recomputation in the backward would run outside the prefix context, so it is refused (PEFT refuses too)
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _device(input_ids, inputs_embeds) -> torch.device:
+    return (input_ids if input_ids is not None else inputs_embeds).device
+
+
+def _prefix_positions(position_ids, cache, tokens, P: int, device) -> torch.Tensor:
+    """Position ids of the real tokens, shifted by P (PEFT's prefix occupies positions 0..P-1)."""
+    if position_ids is not None:
+        return position_ids + P
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    return torch.arange(past + P, past + P + tokens.shape[1], device=device).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | None = None,
+             adapters: list[str] | None = None, **kwargs: Any):
+    """`base_model.generate` with the prompt: prefix tuning reads the prefix in every attention call
+    (prefill and each T=1 decode step; the KV cache holds only real tokens); prompt tuning / P-tuning
+    prepend the soft prompt at the first step, then decode normally."""
+    config = peft_model.active_peft_config
+    model = peft_model.base_model
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        raise ValueError("prompt-learning generate needs input_ids")
+    with torch.no_grad():
+        table, index = _tables(peft_model, prompt_index, adapters, input_ids.shape[0])
+    P = table.shape[-2]
+    if isinstance(config, PrefixTuningConfig):
+        prepare = _prefix_prepare(model, P)
+        ctx = attn.prefix_context(_prefix_kv(table, config), index, model.config)
+    else:
+        prepare = _prompt_prepare(model, table, index, P)
+        ctx = contextlib.nullcontext()
+    with ctx, _patched_prepare(model, prepare):
+        return model.generate(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _patched_prepare(model: nn.Module, make) -> Iterator[None]:
+    had = "prepare_inputs_for_generation" in model.__dict__
+    previous = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = make(model.prepare_inputs_for_generation)
+    try:
+        yield
+    finally:
+        if had:
+            model.prepare_inputs_for_generation = previous
+        else:
+            del model.prepare_inputs_for_generation
+
+
+def _prefix_prepare(model: nn.Module, P: int):
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def make(base_prepare):
+        def prepare(*args, **kwargs):
+            inputs = base_prepare(*args, **kwargs)
+            if not takes_positions:
+                return inputs
+            tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+            if inputs.get("position_ids") is not None:
+                inputs["position_ids"] = inputs["position_ids"] + P
+            elif inputs.get("cache_position") is not None:
+                inputs["position_ids"] = (inputs["cache_position"] + P).unsqueeze(0)
+            else:
+                inputs["position_ids"] = _prefix_positions(None, inputs.get("past_key_values"), tokens, P,
+                                                           tokens.device)
+            return inputs
+        return prepare
+    return make
+
+
+def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, P: int):
+    word_weight = model.get_input_embeddings().weight
+
+    def make(base_prepare):
+        def prepare(*args, **kwargs):
+            inputs = base_prepare(*args, **kwargs)
+            cache = inputs.get("past_key_values")
+            ids = inputs.get("input_ids")
+            if ids is None:
+                raise NotImplementedError("prompt-learning generate needs input_ids (not inputs_embeds)")
+            seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            if cache is not None and seen >= ids.shape[1]:
+                ids = inputs["input_ids"] = ids[:, -1:]
+            mask = inputs.get("attention_mask")
+            if isinstance(mask, dict):
+                if len(mask) != 1:
+                    raise NotImplementedError(f"expected one attention mask, got {len(mask)}")
+                mask = next(iter(mask.values()))
+            if mask is not None:
+                if mask.dim() != 2:
+                    raise NotImplementedError("prompt-learning generate supports 2-D attention masks only "
+                                              "(no static / compiled caches)")
+                inputs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+            inputs["position_ids"] = None  # as PEFT: positions come from the cache length
+            if inputs.get("token_type_ids") is not None:
+                inputs["token_type_ids"] = None
+            if seen == 0:
+                inputs["inputs_embeds"] = soft_prompt_embed(ids, word_weight, table, attn._rows(index, ids.shape[0]))
+                inputs["input_ids"] = None
+            inputs.pop("cache_position", None)
+            return inputs
+        return prepare
+    return make
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def state_dict_to_save(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """{"prompt_embeddings": the encoder's output table}, as PEFT saves it (for prefix projection and
+    P-tuning that is the encoded table, not the encoder's parameters)."""
+    with torch.no_grad():
+        table = peft_model.prompt_encoder[adapter_name].table()
+    return {"prompt_embeddings": table.detach().cpu()}
+
+
+def load_state(peft_model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Pop "prompt_embeddings" from `tensors` into the adapter's `embedding` (PEFT's loading: in inference
+    mode the encoder is just an embedding holding the saved table)."""
+    if "prompt_embeddings" not in tensors:
+        raise ValueError(f"{source} has no 'prompt_embeddings' tensor (it holds {sorted(tensors)[:5]}); "
+                         f"it is not a prompt-learning adapter file")
+    value = tensors.pop("prompt_embeddings")
+    config = peft_model.peft_config[adapter_name]
+    encoder = peft_model.prompt_encoder[adapter_name]
+    weight = encoder.embedding.weight
+    if tuple(value.shape) != tuple(weight.shape):
+        hint = ""
+        if isinstance(encoder, PrefixEncoder) and encoder.prefix_projection:
+            hint = " (a prefix_projection adapter holds the projected prefix: load it with is_trainable=False)"
+        raise ValueError(f"{source}: 'prompt_embeddings' has shape {tuple(value.shape)} but the "
+                         f"{config.peft_type.value} adapter {adapter_name!r} expects {tuple(weight.shape)} "
+                         f"(num_virtual_tokens={config.num_virtual_tokens}, token_dim={config.token_dim}, "
+                         f"num_layers={config.num_layers}){hint}")
+    if isinstance(config, PromptEncoderConfig) and not config.inference_mode:
+        warnings.warn(f"{source} holds the encoded P-tuning prompt; loading it as trainable puts it through a fresh "
+                      "prompt-encoder MLP again (PEFT does the same); load with is_trainable=False to use it as saved")
+    with torch.no_grad():
+        weight.copy_(value.to(device=weight.device, dtype=weight.dtype))

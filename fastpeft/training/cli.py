@@ -1,0 +1,268 @@
+"""`fastpeft train` and `fastpeft generate`.
+
+    fastpeft train                                  # LoRA on the tiny preset + the shipped tiny.jsonl
+    fastpeft train --method ia3 --model ./my-llama --data train.jsonl --out run1 --steps 500
+    torchrun --nproc-per-node 8 -m fastpeft train --model bench --data d.jsonl --out run2   # DDP
+    fastpeft train ... --out run1 --resume          # continue from the newest checkpoint in run1
+    fastpeft generate --adapter run1 --prompt "3 + 4 ="
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from .. import __version__
+from ..config import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .data import DEFAULT_DATA, DataError
+from .models import DTYPES, PRESETS, load_model
+
+INFO_NAME = "train_info.json"
+METHODS = ("lora", "ia3", "prefix", "prompt", "ptuning")
+# learning rates that suit pretrained models; the random-weight presets take 1e-2
+DEFAULT_LR = {"lora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-3}
+PRESET_LR = 1e-2
+DEFAULT_DATA_STEPS = 200
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
+    return value
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpeft train", description="Fine-tune a causal LM with a PEFT method. "
+                                "Data: JSONL with a 'text' field, or 'prompt'/'completion' fields (loss on the "
+                                "completion only). Under torchrun it trains with DDP; rank 0 writes.")
+    p.add_argument("--method", choices=METHODS, default="lora")
+    p.add_argument("--model", default="tiny", help=f"local model folder, or a preset: {', '.join(PRESETS)} "
+                   "(random weights, byte tokenizer) (default: tiny)")
+    p.add_argument("--data", default=None, help="training JSONL (default: the tiny dataset shipped with fastpeft)")
+    p.add_argument("--out", default="fastpeft-out", help="output folder: adapter, checkpoints (default: fastpeft-out)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help="passes over the data (default: 1; without --data: 200 steps)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default: {PRESET_LR} for presets, else " +
+                   ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items()) + ")")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="max tokens per example (longer: truncated)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module names, or all-linear (default: PEFT's defaults for the model; "
+                   "all-linear for LoRA on a preset)")
+    p.add_argument("--num-virtual-tokens", type=_positive_int, default=20, help="prefix / prompt / P-tuning tokens")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="base weights and autocast dtype; adapters stay fp32 (auto: bf16 on CUDA, else fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (not with prefix)")
+    p.add_argument("--eval", dest="eval_data", default=None, help="evaluation JSONL")
+    p.add_argument("--eval-fraction", type=_fraction, default=None, help="hold out this share of --data for eval")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations")
+    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
+    p.add_argument("--keep", type=_positive_int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint in --out, or from the checkpoint folder given")
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="data order, adapter init, and preset weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _dtype(name: str, device: str | None) -> str:
+    if name != "auto":
+        return name
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _targets(text: str | None):
+    if text is None:
+        return None
+    if text == "all-linear":
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def make_config(args: argparse.Namespace) -> PeftConfig:
+    targets = _targets(args.target_modules)
+    if args.method == "lora":
+        return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+    if args.method == "ia3":
+        ff = None
+        if isinstance(targets, list):
+            ff = [t for t in targets if t in ("down_proj", "mlp.c_proj", "fc2", "w2")]
+        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
+    if args.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
+    if args.method == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
+    return PromptEncoderConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from .trainer import TrainArgs, Trainer, find_checkpoint
+
+    args = train_parser().parse_args(argv)
+    prog = "fastpeft train"
+    data = args.data or DEFAULT_DATA
+    if not os.path.isfile(data):
+        return _fail(prog, f"--data {data} does not exist")
+    if args.eval_data and not os.path.isfile(args.eval_data):
+        return _fail(prog, f"--eval {args.eval_data} does not exist")
+    if args.eval_data and args.eval_fraction:
+        return _fail(prog, "pass --eval or --eval-fraction, not both")
+    if args.gradient_checkpointing and args.method == "prefix":
+        return _fail(prog, "--gradient-checkpointing does not work with --method prefix")
+    if args.method not in ("lora", "ia3") and args.target_modules:
+        return _fail(prog, f"--target-modules applies to lora and ia3, not {args.method}")
+    if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
+        return _fail(prog, f"--resume {args.resume}: no such checkpoint folder")
+    if not args.resume and find_checkpoint(args.out):
+        return _fail(prog, f"{args.out} already holds checkpoints; pass --resume to continue that run or choose "
+                     "another --out")
+    dtype = _dtype(args.dtype, args.device)
+    if dtype != "fp32" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        warnings.warn(f"--dtype {dtype} on the CPU is slow; fp32 is the usual choice there", stacklevel=1)
+    lr = args.lr or (PRESET_LR if args.model in PRESETS else DEFAULT_LR[args.method])
+    if args.data is None and args.steps is None and args.epochs is None:
+        args.steps = DEFAULT_DATA_STEPS
+    if args.target_modules is None and args.model in PRESETS and args.method == "lora":
+        args.target_modules = "all-linear"
+    try:
+        config = make_config(args)
+        model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype])
+        targs = TrainArgs(
+            output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,
+            grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
+            mixed_precision="no" if dtype == "fp32" else dtype, gradient_checkpointing=args.gradient_checkpointing,
+            eval_every=args.eval_every, eval_fraction=args.eval_fraction, save_every=args.save_every,
+            keep_checkpoints=args.keep, resume=args.resume, log_every=args.log_every, seed=args.seed,
+            device=args.device, progress=not args.quiet)
+        trainer = Trainer(model, targs, data, eval_dataset=args.eval_data, peft_config=config, tokenizer=tokenizer)
+    except (DataError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+        return _fail(prog, str(err))
+    if trainer.rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
+                "seq_len": args.seq_len, "fastpeft_version": __version__}
+        with open(os.path.join(args.out, INFO_NAME), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+    try:
+        trainer.train()
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(prog, str(err))
+    return 0
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpeft generate", description="Generate text with a base model and a "
+                                "saved adapter (a `fastpeft train` output folder, a checkpoint, or any PEFT adapter).")
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--model", default=None, help=f"base model: local folder or preset ({', '.join(PRESETS)}); "
+                   f"default: the one recorded in ADAPTER/{INFO_NAME}")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="preset weights seed (default: the recorded one, else 0); "
+                   "also the sampling seed")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: the recorded one")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-adapter", action="store_true", help="generate with the base model only (for comparison)")
+    return p
+
+
+def _train_info(adapter: str) -> dict:
+    for folder in (adapter, os.path.dirname(os.path.abspath(adapter))):
+        path = os.path.join(folder, INFO_NAME)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+    return {}
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    from ..peft_model import PeftModel
+
+    args = generate_parser().parse_args(argv)
+    prog = "fastpeft generate"
+    if not os.path.isdir(args.adapter):
+        return _fail(prog, f"--adapter {args.adapter}: no such folder")
+    info = _train_info(args.adapter)
+    model_name = args.model or info.get("model")
+    if model_name is None:
+        return _fail(prog, f"--model is required ({args.adapter} has no {INFO_NAME} naming the base model)")
+    if model_name in PRESETS and info.get("model") not in (None, model_name):
+        warnings.warn(f"the adapter was trained on {info.get('model')!r}, not {model_name!r}", stacklevel=1)
+    seed = args.seed if args.seed is not None else int(info.get("seed", 0))
+    dtype = args.dtype or info.get("dtype", "fp32")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, tokenizer, _ = load_model(model_name, seed=seed, dtype=DTYPES[dtype])
+        model = model.to(device)
+        if not args.no_adapter:
+            model = PeftModel.from_pretrained(model, args.adapter).to(device)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+        return _fail(prog, str(err))
+    model.eval()
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = ([bos] if bos is not None else []) + list(tokenizer.encode(args.prompt, add_special_tokens=False))
+    input_ids = torch.tensor([ids], device=device)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad if pad is not None else eos,
+                  eos_token_id=eos)
+    if args.temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_k=args.top_k)
+    else:
+        kwargs.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    new = out[0, len(ids):].tolist()
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0

@@ -1,0 +1,35 @@
+"""Tiny random-weight transformers models built from configs (never downloaded)."""
+
+import torch
+import transformers
+
+
+def tiny_llama(seed: int | None = None, **overrides) -> transformers.PreTrainedModel:
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+    kw.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+
+
+def tiny_llama_cls(seed: int | None = None, num_labels: int = 3) -> transformers.PreTrainedModel:
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
+                                   pad_token_id=0)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.LlamaForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int | None = None) -> transformers.PreTrainedModel:
+    cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def twin(builder, **kw):
+    """Two identical copies of a model (same random weights)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    return builder(seed=seed, **kw), builder(seed=seed, **kw)

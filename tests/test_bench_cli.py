@@ -1,0 +1,223 @@
+"""`fastpeft bench`: argument errors, the results files of a tiny CPU run, --compare, and the
+correctness gate (a wrong fastpeft result fails the run)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft import backend
+from fastpeft.bench.cli import main as bench_main
+from fastpeft.cli import main as fastpeft_main
+
+TINY = ["--quick", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--repeats", "1"]
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        fastpeft_main(["bench", *argv])
+    return info.value.code, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize("argv, names", [
+    (["--methods", "lora,dora"], "'dora'"),
+    (["--methods", ""], "no method"),
+    (["--preset", "huge"], "'huge'"),
+    (["--dtype", "int8"], "'int8'"),
+    (["--batch", "0"], "positive integer"),
+    (["--layers-only", "--e2e-only"], "not allowed with"),
+    (["--unknown-flag"], "--unknown-flag"),
+])
+def test_argument_errors_exit_2_and_name_the_problem(argv, names, capsys):
+    code, err = _exit_code(argv, capsys)
+    assert code == 2
+    assert names in err
+    assert "usage: fastpeft bench" in err
+    assert "Traceback" not in err
+
+
+def test_compare_file_errors(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"cases": []}))
+    code, err = _exit_code(["--compare", str(tmp_path / "missing.json"), str(good)], capsys)
+    assert code == 2 and "missing.json does not exist" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, err = _exit_code(["--compare", str(good), str(bad)], capsys)
+    assert code == 2 and "bad.json is not valid JSON" in err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([1, 2, 3]))
+    code, err = _exit_code(["--compare", str(good), str(other)], capsys)
+    assert code == 2 and "not a fastpeft bench results file" in err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    path = tmp_path / "file.txt"
+    path.write_text("x")
+    code, err = _exit_code(["--out", str(path)], capsys)
+    assert code == 2 and "is not a folder" in err
+
+
+def test_console_usage_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fastpeft.bench", "--methods", "lora,bogus"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown method 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- a tiny run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = bench_main([*TINY, "--out", str(out)])
+    with open(out / "results.json") as f:
+        return code, json.load(f), out
+
+
+def test_tiny_run_json_schema(tiny_run):
+    code, doc, _ = tiny_run
+    assert code == 0, doc["failures"]
+    assert doc["ok"] is True and doc["failures"] == []
+    for key in ("schema", "created", "device", "versions", "git", "backend", "cpu_reference", "notes", "settings",
+                "cases", "peft_available"):
+        assert key in doc
+    assert doc["cpu_reference"] is True and any("need a CUDA GPU" in n for n in doc["notes"])
+    assert set(doc["versions"]) >= {"torch", "triton", "transformers", "peft", "fastpeft"}
+    assert doc["settings"]["preset"] == "tiny" and doc["settings"]["quick"] is True
+    assert isinstance(doc["device"]["name"], str)
+    kinds = {(c["kind"], c["method"]) for c in doc["cases"]}
+    for method in ("lora", "ia3", "prefix", "prompt"):
+        assert ("layer", method) in kinds and ("e2e", method) in kinds
+    for c in doc["cases"]:
+        assert c["status"] in ("ok", "not available", "error", "fail")
+        assert c["check"]["status"] in ("pass", "fail", "reference", "floor", "not run")
+        assert c["provider"] in ("floor", "peft", "compile", "fastpeft")
+        assert c["provider"] != "compile"  # --quick on a CPU leaves torch.compile out
+        if c["status"] == "ok":
+            assert isinstance(c["median_ms"], float) and c["median_ms"] > 0
+            assert isinstance(c["tokens_per_s"], float) and isinstance(c["repeats"], int)
+            assert c["peak_mib"] is None  # no allocator statistics on the CPU
+            assert isinstance(c["vs_floor"], float) and isinstance(c["vs_peft"], float)
+        if c["provider"] == "fastpeft" and c["status"] == "ok":
+            assert c["check"]["status"] == "pass" and c["check"]["max_rel_err"] <= c["check"]["tol"]
+            assert set(c["backend"]) and all(isinstance(v, str) for v in c["backend"].values())
+        if c["provider"] == "peft":
+            assert c["check"]["status"] == "reference" and c["vs_peft"] == 1.0
+    by_case = {}
+    for c in doc["cases"]:
+        by_case.setdefault(c["case"], set()).add(c["provider"])
+    assert all(p == {"floor", "peft", "fastpeft"} for p in by_case.values())
+
+
+def test_tiny_run_writes_markdown_and_plots(tiny_run):
+    _, doc, out = tiny_run
+    md = (out / "results.md").read_text()
+    assert "CPU reference figures" in md and "| case | provider | ms |" in md and "e2e" not in md.split("##")[0]
+    for name in ("speed.png", "memory.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_table_first_line_says_cpu_reference(capsys):
+    code = bench_main([*TINY, "--methods", "ia3", "--layers-only"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0].startswith("NOTE: no GPU here") and "CPU reference figures" in out.splitlines()[0]
+    assert "PEFT" in out and "fastpeft" in out and "frozen" in out
+
+
+# ----------------------------------------------------------------------------- compare
+def _doc(cases):
+    return {"schema": "fastpeft-bench/1", "device": {"name": "dev"}, "settings": {"preset": "tiny", "dtype": "fp32"},
+            "cases": [{"id": i, "median_ms": ms, "peak_mib": mib, "status": "ok"} for i, ms, mib in cases]}
+
+
+def test_compare_reports_ratios_and_one_sided_cases(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_doc([("e2e/lora/fastpeft", 100.0, 1000.0), ("e2e/ia3/fastpeft", 50.0, 500.0)])))
+    b.write_text(json.dumps(_doc([("e2e/lora/fastpeft", 80.0, 900.0), ("e2e/prefix/fastpeft", 10.0, 100.0)])))
+    assert fastpeft_main(["bench", "--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    lora = next(line for line in out.splitlines() if line.startswith("e2e/lora/fastpeft"))
+    assert "100.0" in lora and "80.0" in lora and "0.80x" in lora and "0.90x" in lora
+    assert "only in " + str(a) in next(line for line in out.splitlines() if line.startswith("e2e/ia3/"))
+    assert "only in " + str(b) in next(line for line in out.splitlines() if line.startswith("e2e/prefix/"))
+
+
+def test_compare_two_real_runs(tiny_run, tmp_path, capsys):
+    _, doc, out = tiny_run
+    doc2 = json.loads(json.dumps(doc))
+    doc2["cases"] = doc2["cases"][1:]
+    path2 = tmp_path / "b.json"
+    path2.write_text(json.dumps(doc2))
+    assert bench_main(["--compare", str(out / "results.json"), str(path2)]) == 0
+    text = capsys.readouterr().out
+    assert doc["cases"][0]["id"] in text and "only in" in text
+
+
+# ----------------------------------------------------------------------------- degraded environments
+def test_peft_missing_shows_fastpeft_alone(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    code = bench_main([*TINY, "--methods", "lora", "--layers-only", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "pip install peft" in captured.out
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["peft_available"] is False and doc["versions"]["peft"] is None
+    assert {c["provider"] for c in doc["cases"]} == {"floor", "fastpeft"}
+    fast = [c for c in doc["cases"] if c["provider"] == "fastpeft"]
+    assert all(c["check"]["status"] == "pass" and "torch reference" in c["check"]["detail"] for c in fast)
+    assert all(c["vs_peft"] is None for c in doc["cases"])
+
+
+def test_compile_failure_shows_error_and_run_continues(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor needs a C++ compiler\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    argv = ["--preset", "tiny", "--device", "cpu", "--methods", "prompt", "--layers-only", "--warmup", "1",
+            "--repeats", "1", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    compiled = [c for c in doc["cases"] if c["provider"] == "compile"]
+    assert compiled and all(c["status"] == "error" for c in compiled)
+    assert compiled[0]["error"] == "RuntimeError: inductor needs a C++ compiler"
+    assert all(c["status"] == "ok" for c in doc["cases"] if c["provider"] != "compile")
+
+
+def test_method_not_implemented_is_not_available(monkeypatch, tmp_path):
+    import fastpeft.ops
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("soft prompts are being written")
+
+    monkeypatch.setattr(fastpeft.ops, "soft_prompt_embed", missing)
+    assert bench_main([*TINY, "--methods", "prompt", "--layers-only", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    fast = next(c for c in doc["cases"] if c["provider"] == "fastpeft")
+    assert fast["status"] == "not available" and "being written" in fast["error"]
+    assert "not available" in (tmp_path / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the correctness gate
+def test_wrong_fastpeft_result_fails_the_run(monkeypatch, tmp_path, capsys):
+    impl = backend._REGISTRY["lora_linear"]["torch"]
+    right = impl.fns["forward"]
+
+    def wrong(*args, **kwargs):
+        y, s = right(*args, **kwargs)
+        return y * 1.5, s  # a fast but wrong kernel
+
+    monkeypatch.setitem(impl.fns, "forward", wrong)
+    code = bench_main([*TINY, "--methods", "lora", "--layers-only", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FAILED" in captured.err and "FAIL" in captured.out and "differs from PEFT" in captured.out
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["ok"] is False and doc["failures"]
+    fast = [c for c in doc["cases"] if c["provider"] == "fastpeft"]
+    assert all(c["status"] == "fail" and c["check"]["status"] == "fail" for c in fast)
+    assert all(c["median_ms"] is None for c in fast)  # a wrong result is never timed

@@ -1,0 +1,85 @@
+"""Data parallelism on the CPU: two `gloo` processes (launched the way torchrun does, through RANK /
+WORLD_SIZE / MASTER_PORT) end with identical adapters, equal to one process on the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    torch.set_num_threads(1)
+    import fastpeft
+    from fastpeft.training import DEFAULT_DATA, TrainArgs, Trainer, build_preset
+
+    out, batch_size = sys.argv[1], int(sys.argv[2])
+    with open(DEFAULT_DATA) as fh:
+        records = [json.loads(line) for line in fh][:72]
+    config = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    args = TrainArgs(output_dir=out, max_steps=5, batch_size=batch_size, grad_accum=2, learning_rate=1e-2,
+                     warmup_steps=1, save_every=2, eval_fraction=0.1, log_every=1, seed=0)
+    trainer = Trainer(build_preset("tiny"), args, records, peft_config=config)
+    result = trainer.train()
+    state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    torch.save({"params": state, "eval_loss": result.eval_loss, "world": trainer.world_size,
+                "loss": result.train_loss}, f"{out}/rank{trainer.rank}.pt")
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script, out, batch_size, world):
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(batch_size)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    logs = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed training timed out")
+        assert p.returncode == 0, stderr[-3000:]
+        logs.append(stderr)
+    return logs
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir()
+    ddp.mkdir()
+    _launch(script, single, batch_size=4, world=1)          # global batch 4 × 2 accum = 8
+    logs = _launch(script, ddp, batch_size=2, world=2)      # global batch 2 × 2 accum × 2 ranks = 8
+
+    ref = torch.load(single / "rank0.pt")
+    r0, r1 = torch.load(ddp / "rank0.pt"), torch.load(ddp / "rank1.pt")
+    assert r0["world"] == r1["world"] == 2 and ref["world"] == 1
+    for name, value in ref["params"].items():
+        assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(r0["params"][name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert r0["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert r0["eval_loss"] == r1["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+    # only rank 0 prints and writes
+    assert "step 5/5" in logs[0] and "2 process(es)" in logs[0] and "step" not in logs[1]
+    assert sorted(n for n in os.listdir(ddp) if n.startswith("checkpoint-")) == [
+        "checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(ddp))

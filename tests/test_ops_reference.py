@@ -1,0 +1,168 @@
+"""The reference ops against float64 math written independently here, forward and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from fastpeft.ops import ia3_linear, lora_linear, prefix_attention, soft_prompt_embed
+from fastpeft.ops._random import dropout_keep
+from tests.utils import assert_close
+
+
+def _grads(out, inputs, seed_grad):
+    return torch.autograd.grad(out, inputs, seed_grad)
+
+
+@pytest.mark.parametrize("M,K,N,r", [(1, 3, 5, 1), (7, 33, 17, 4), (16, 64, 48, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_matches_float64(M, K, N, r, bias, dropout):
+    x = torch.randn(2, M, K, requires_grad=True)
+    w = torch.randn(N, K) / math.sqrt(K)
+    b = torch.randn(N) if bias else None
+    a = torch.randn(r, K, requires_grad=True)
+    bb = torch.randn(N, r, requires_grad=True)
+    scaling, seed = 1.7, 1234
+    y = lora_linear(x, w, b, a, bb, scaling, dropout, training=True, seed=seed)
+    keep = dropout_keep(seed, (2 * M, K), dropout).reshape(2, M, K).double() / (1 - dropout)
+    xd = x.double()
+    y64 = xd @ w.double().t() + (0 if b is None else b.double()) + scaling * ((xd * keep) @ a.double().t()) @ bb.double().t()
+    assert_close(y, y64, torch.float32)
+    g = torch.randn_like(y)
+    gx, ga, gb = _grads(y, (x, a, bb), g)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y64 = x64 @ w.double().t() + scaling * ((x64 * keep) @ a64.t()) @ b64.t()
+    rx, ra, rb = _grads(y64, (x64, a64, b64), g.double())
+    for name, got, want in (("dx", gx, rx), ("dA", ga, ra), ("dB", gb, rb)):
+        assert_close(got, want, torch.float32, what=name)
+
+
+def test_lora_dropout_only_in_training_and_mask_rate():
+    x = torch.randn(64, 128)
+    w, a, b = torch.randn(8, 128), torch.randn(4, 128), torch.randn(8, 4)
+    assert torch.equal(lora_linear(x, w, None, a, b, 1.0, 0.5, training=False),
+                       lora_linear(x, w, None, a, b, 1.0, 0.0, training=True))
+    keep = dropout_keep(7, (64, 128), 0.25)
+    assert abs(keep.float().mean().item() - 0.75) < 0.02
+    assert not torch.equal(dropout_keep(7, (64, 128), 0.25), dropout_keep(8, (64, 128), 0.25))
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ia3_linear_matches_float64(feedforward, bias):
+    M, K, N = 11, 19, 13
+    x = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    l = (1 + 0.3 * torch.randn((1, K) if feedforward else (N, 1))).requires_grad_()
+    y = ia3_linear(x, w, b, l, feedforward)
+    x64, l64 = x.detach().double().requires_grad_(), l.detach().double().requires_grad_()
+    bd = 0 if b is None else b.double()
+    if feedforward:
+        y64 = (x64 * l64.reshape(-1)) @ w.double().t() + bd
+    else:
+        y64 = (x64 @ w.double().t() + bd) * l64.reshape(-1)
+    assert_close(y, y64, torch.float32)
+    g = torch.randn_like(y)
+    gx, gl = _grads(y, (x, l), g)
+    rx, rl = _grads(y64, (x64, l64), g.double())
+    assert gl.shape == l.shape
+    assert_close(gx, rx, torch.float32, what="dx")
+    assert_close(gl, rl, torch.float32, what="dl")
+
+
+def _attention64(q, k, v, pk, pv, mask, causal, scale):
+    B, Hq, T, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], pk.shape[-2]
+    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            pkb = pk[b, kv] if pk.dim() == 4 else pk[kv]
+            pvb = pv[b, kv] if pv.dim() == 4 else pv[kv]
+            keys = torch.cat([pkb, k[b, kv]]).double()
+            vals = torch.cat([pvb, v[b, kv]]).double()
+            for t in range(T):
+                vis = [True] * P + [(not causal or j <= t + S - T) and (mask is None or bool(mask[b, j])) for j in range(S)]
+                vis = torch.tensor(vis)
+                s = (keys @ q[b, h, t].double()) * scale
+                s = s.masked_fill(~vis, float("-inf"))
+                out[b, h, t] = torch.softmax(s, 0) @ vals
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T,S,P", [(5, 5, 3), (1, 6, 2), (4, 9, 1)])
+def test_prefix_attention_matches_float64(causal, T, S, P):
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    q = torch.randn(B, Hq, T, D, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, requires_grad=True)
+    pk = torch.randn(Hkv, P, D, requires_grad=True)
+    pv = torch.randn(Hkv, P, D, requires_grad=True)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :2] = 0  # left padding on row 1
+    out = prefix_attention(q, k, v, pk, pv, causal=causal, attention_mask=mask)
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = _attention64(*ins64, mask, causal, 1 / math.sqrt(D))
+    assert_close(out, ref, torch.float32)
+    g = torch.randn_like(out)
+    got = _grads(out, (q, k, v, pk, pv), g)
+    want = _grads(ref, ins64, g.double())
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), got, want):
+        assert_close(a, b, torch.float32, what=name)
+
+
+def test_prefix_attention_prefix_index_equals_per_row_prefix():
+    B, Hq, Hkv, T, D, P, N = 3, 2, 1, 4, 8, 3, 2
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    table_k = torch.randn(N, Hkv, P, D, requires_grad=True)
+    table_v = torch.randn(N, Hkv, P, D, requires_grad=True)
+    idx = torch.tensor([1, 0, 1])
+    out = prefix_attention(q, k, v, table_k, table_v, prefix_index=idx)
+    for b in range(B):
+        alone = prefix_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], table_k[idx[b]], table_v[idx[b]])
+        assert_close(out[b:b + 1], alone, torch.float32)
+    out.sum().backward()
+    ref64 = _attention64(q.double(), k.double(), v.double(), table_k.detach()[idx].double(),
+                         table_v.detach()[idx].double(), None, True, 1 / math.sqrt(D))
+    assert_close(out, ref64, torch.float32)
+    assert table_k.grad.shape == table_k.shape
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_soft_prompt_embed_matches_float64(indexed):
+    B, T, V, H, P, N = 3, 5, 11, 6, 4, 2
+    ids = torch.randint(0, V, (B, T))
+    w = torch.randn(V, H, requires_grad=True)
+    table = torch.randn((N, P, H) if indexed else (P, H), requires_grad=True)
+    idx = torch.tensor([1, 0, 1]) if indexed else None
+    out = soft_prompt_embed(ids, w, table, idx)
+    prompts = table.detach()[idx] if indexed else table.detach().expand(B, P, H)
+    ref = torch.cat([prompts.double(), w.detach().double()[ids]], 1)
+    assert_close(out, ref, torch.float32)
+    g = torch.randn_like(out)
+    gw, gt = _grads(out, (w, table), g)
+    w64, t64 = w.detach().double().requires_grad_(), table.detach().double().requires_grad_()
+    p64 = t64[idx] if indexed else t64.expand(B, P, H)
+    ref = torch.cat([p64, w64[ids]], 1)
+    rw, rt = _grads(ref, (w64, t64), g.double())
+    assert_close(gw, rw, torch.float32, what="d_embedding")
+    assert_close(gt, rt, torch.float32, what="d_prompt_table")
+
+
+def test_ops_trace_under_torch_compile_fullgraph():
+    lin = torch.nn.Linear(16, 8)
+    a = torch.nn.Parameter(torch.randn(4, 16))
+    b = torch.nn.Parameter(torch.randn(8, 4))
+
+    def f(x):
+        return lora_linear(x, lin.weight, lin.bias, a, b, 2.0).sum()
+
+    x = torch.randn(5, 16, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    assert_close(out.detach().reshape(1), f(x.detach()).reshape(1), torch.float32)
+    assert a.grad is not None and b.grad is not None

@@ -1,0 +1,221 @@
+"""Prefix tuning against HF PEFT: logits, loss, gradients, generate, adapter files, mixed-task batches.
+
+The prefix reaches attention through fastpeft.ops.prefix_attention (never the KV cache); PEFT puts it
+in past_key_values.  Both must give the same numbers on tiny random-weight models."""
+
+import peft
+import pytest
+import torch
+import transformers
+
+import fastpeft
+from fastpeft import backend
+from fastpeft.integrations import transformers_attention as attn
+from tests.models import tiny_llama, twin
+from tests.peft_parity import assert_same_outputs_and_grads, build_pair
+from tests.utils import assert_close
+
+V = 97
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT's own deprecation warnings
+
+
+def tiny_qwen2(seed=None):
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(seed=None):
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     head_dim=16)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=None):
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama_mha(seed=None):
+    return tiny_llama(seed=seed, num_key_value_heads=4)
+
+
+MODELS = {"llama_gqa": tiny_llama, "llama_mha": tiny_llama_mha, "qwen2": tiny_qwen2, "mistral": tiny_mistral,
+          "gpt2": tiny_gpt2}
+
+
+def prefix_config(projection, P=3):
+    return fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                       encoder_hidden_size=24 if projection else None)
+
+
+def left_padded(B=2, T=6, pad=(2, 0)):
+    ids = torch.randint(1, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, n in enumerate(pad[:B]):
+        mask[b, :n] = 0
+        ids[b, :n] = 0
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kw):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("projection", [False, True])
+def test_forward_loss_grads_match_peft(model, projection):
+    ours, theirs = build_pair(MODELS[model], prefix_config(projection))
+    cfg = ours.active_peft_config
+    if model in ("llama_gqa", "mistral", "qwen2"):  # GQA: the prefix has the key/value heads only
+        assert cfg.num_attention_heads == ours.base_model.config.num_key_value_heads
+    ids, mask = left_padded()
+    backend._LAST.pop("prefix_attention", None)
+    assert_same_outputs_and_grads(ours, theirs, dict(input_ids=ids, attention_mask=mask, labels=ids))
+    assert backend.last_backend("prefix_attention") == "torch", "prefix_attention did not run"
+    assert attn._STATE.get() is None, "prefix state lingers after the forward"
+
+
+@pytest.mark.parametrize("model", ["llama_gqa", "qwen2", "gpt2"])
+def test_generate_matches_peft(model):
+    ours, theirs = build_pair(MODELS[model], prefix_config(False))
+    ids, mask = left_padded(pad=(3, 0))
+    seq_a, scores_a = greedy(ours, ids, mask)
+    seq_b, scores_b = greedy(theirs, ids, mask)
+    assert torch.equal(seq_a, seq_b)
+    assert_close(scores_a, scores_b, what="generate scores")
+    assert attn._STATE.get() is None
+    assert "prepare_inputs_for_generation" not in ours.base_model.__dict__
+
+
+def test_forward_without_mask_and_with_position_ids():
+    ours, theirs = build_pair(tiny_llama, prefix_config(True))
+    ids = torch.randint(0, V, (3, 5))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    pos = torch.arange(5).unsqueeze(0) + 2
+    assert_close(ours(input_ids=ids, position_ids=pos).logits, theirs(input_ids=ids, position_ids=pos).logits)
+
+
+def test_kv_cache_holds_only_real_tokens_and_base_model_is_unchanged_outside():
+    ours, _ = build_pair(tiny_llama, prefix_config(False))
+    plain, _ = twin(tiny_llama)
+    plain.load_state_dict(ours.base_model.state_dict())
+    ids, mask = left_padded()
+    out = ours(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    with ours.disable_adapter():
+        off = ours(input_ids=ids, attention_mask=mask).logits
+    assert_close(off, plain(input_ids=ids, attention_mask=mask).logits)
+    assert (off - out.logits).abs().max() > 1e-3  # the prefix really changes the output
+
+
+def test_save_in_fastpeft_load_in_peft_and_back(tmp_path):
+    for projection in (False, True):
+        ours, theirs = build_pair(tiny_llama, prefix_config(projection))
+        ids, mask = left_padded()
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        ours.save_pretrained(tmp_path / f"ours{projection}")
+        theirs.save_pretrained(tmp_path / f"theirs{projection}")
+        base_a, base_b = twin(tiny_llama)
+        base_a.load_state_dict(ours.base_model.state_dict())
+        base_b.load_state_dict(ours.base_model.state_dict())
+        loaded_peft = peft.PeftModel.from_pretrained(base_b, tmp_path / f"ours{projection}")
+        loaded_ours = fastpeft.PeftModel.from_pretrained(base_a, tmp_path / f"theirs{projection}")
+        assert_close(loaded_peft(input_ids=ids, attention_mask=mask).logits, expected, what="PEFT loading fastpeft")
+        assert_close(loaded_ours(input_ids=ids, attention_mask=mask).logits, expected, what="fastpeft loading PEFT")
+        seq_a, _ = greedy(loaded_ours, ids, mask)
+        seq_b, _ = greedy(loaded_peft, ids, mask)
+        assert torch.equal(seq_a, seq_b)
+
+
+def _two_adapter_model(builder=tiny_llama, projection=(False, True)):
+    base, _ = twin(builder)
+    model = fastpeft.get_peft_model(base, prefix_config(projection[0]), adapter_name="a")
+    model.add_adapter("b", prefix_config(projection[1]))
+    for enc in model.prompt_encoder.values():
+        enc.requires_grad_(True)
+    return model
+
+
+def test_mixed_task_batch_equals_each_task_alone():
+    model = _two_adapter_model()
+    ids, mask = left_padded(B=4, pad=(2, 0, 1, 0))
+    index = torch.tensor([1, 0, 0, 1])
+    g = torch.randn(4, ids.shape[1], V)
+    mixed = model(input_ids=ids, attention_mask=mask, prompt_index=index)
+    mixed.logits.backward(g)
+    grads_mixed = {n: p.grad.clone() for n, p in model.prompt_encoder.named_parameters()}
+    model.zero_grad()
+    for k, name in enumerate(["a", "b"]):
+        rows = index == k
+        model.set_adapter(name)
+        model.prompt_encoder.requires_grad_(True)
+        alone = model(input_ids=ids[rows], attention_mask=mask[rows])
+        assert_close(mixed.logits[rows], alone.logits, what=f"rows of adapter {name}")
+        alone.logits.backward(g[rows])
+    for n, p in model.prompt_encoder.named_parameters():
+        assert_close(grads_mixed[n], p.grad, scale=5, what=f"grad of {n}")
+    # an explicit adapter list picks the order
+    swapped = model(input_ids=ids, attention_mask=mask, prompt_index=1 - index, adapters=["b", "a"])
+    assert_close(swapped.logits, mixed.logits.detach())
+
+
+def test_mixed_task_generate_equals_each_task_alone():
+    model = _two_adapter_model(tiny_qwen2)
+    model.eval()
+    ids, mask = left_padded(B=3, pad=(2, 0, 1))
+    index = torch.tensor([1, 0, 1])
+    seq, scores = greedy(model, ids, mask, prompt_index=index)
+    for k, name in enumerate(["a", "b"]):
+        rows = index == k
+        model.set_adapter(name)
+        seq_alone, scores_alone = greedy(model, ids[rows], mask[rows])
+        assert torch.equal(seq[rows], seq_alone)
+        assert_close(scores[:, rows], scores_alone)
+
+
+def test_bad_inputs(tmp_path):
+    model = _two_adapter_model(projection=(False, False))
+    ids = torch.randint(0, V, (2, 4))
+    with pytest.raises(ValueError, match=r"prompt_index values must lie in \[0, 2\)"):
+        model(input_ids=ids, prompt_index=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        model(input_ids=ids, prompt_index=torch.tensor([0]))
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(input_ids=ids, prompt_index=torch.tensor([0, 0]), adapters=["zz"])
+    with pytest.raises(Exception):  # fails inside the model: the prefix must not outlive the call
+        model(input_ids=ids, labels=torch.zeros(2, 9, dtype=torch.long))
+    assert attn._STATE.get() is None
+    # an adapter file whose prompt table does not fit: the error names the file
+    model.save_pretrained(tmp_path)
+    other = prefix_config(False, P=5)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*prompt_embeddings.*\(3, 64\).*\(5, 64\)"):
+        fastpeft.PeftModel.from_pretrained(twin(tiny_llama)[0], str(tmp_path / "b"), config=other)
+
+
+def test_gradient_checkpointing_is_refused():
+    ours, _ = build_pair(tiny_llama, prefix_config(False))
+    ours.base_model.gradient_checkpointing_enable()
+    ours.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        ours(input_ids=torch.randint(0, V, (1, 4)))
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_bf16_model_with_fp32_encoder_matches_peft(projection):
+    ours, theirs = build_pair(lambda seed=None: tiny_llama(seed=seed).to(torch.bfloat16), prefix_config(projection))
+    assert ours.prompt_encoder["default"].embedding.weight.dtype == torch.float32
+    ids, mask = left_padded()
+    out = ours(input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == torch.bfloat16
+    assert_close(out, theirs(input_ids=ids, attention_mask=mask).logits, scale=2)

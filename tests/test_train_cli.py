@@ -1,0 +1,136 @@
+"""`fastpeft train` / `fastpeft generate`: the embedded default, outputs, resume, and errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from fastpeft.cli import main
+from fastpeft.io import load_tensors
+from fastpeft.training.cli import generate_main, train_main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(out, *extra):
+    return train_main(["--out", str(out), "--batch-size", "8", "--quiet", *extra])
+
+
+def test_embedded_default_trains_and_generates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--steps", "30", "--batch-size", "16", "--log-every", "10",
+                 "--save-every", "15", "--eval-fraction", "0.1"]) == 0
+    err = capsys.readouterr().err
+    losses = [float(line.split("loss ")[1].split()[0]) for line in err.splitlines() if line.startswith("step ")
+              and "| loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0], err
+    assert "eval loss" in err and "done: 30 steps" in err
+    files = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_info.json", "checkpoint-000015",
+            "checkpoint-000030"} <= files
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["model"] == "tiny" and info["method"] == "lora" and info["source"] == {"preset": "tiny", "seed": 0}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+
+    assert main(["generate", "--adapter", str(out), "--prompt", "3 + 4 =", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("3 + 4 =")
+    # a checkpoint folder works as the adapter too (train_info.json is found in its parent)
+    assert generate_main(["--adapter", str(out / "checkpoint-000015"), "--prompt", "the", "--max-new-tokens", "4",
+                          "--temperature", "0.8", "--seed", "0"]) == 0
+
+
+def test_prompt_completion_data_with_eval_file(tmp_path, capsys):
+    rows = [{"prompt": f"{a} + {b} =", "completion": f" {a + b}"} for a in range(6) for b in range(6)]
+    data, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows[:30]) + "\n")
+    evals.write_text("\n".join(json.dumps(r) for r in rows[30:]) + "\n")
+    assert _train(tmp_path / "run", "--data", str(data), "--eval", str(evals), "--steps", "4", "--method", "ia3") == 0
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["eval_loss"] > 0
+
+
+def test_resume_continues_to_the_same_adapter(tmp_path):
+    args = ["--steps", "6", "--save-every", "3", "--dropout", "0.1", "--seed", "3"]
+    assert _train(tmp_path / "full", *args) == 0
+    killed = tmp_path / "killed"
+    assert _train(killed, *args) == 0
+    # simulate a kill after the step-3 checkpoint: drop everything written later
+    shutil.rmtree(killed / "checkpoint-000006")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        os.remove(killed / name)
+    assert _train(killed, *args) == 2  # refuses to overwrite a run without --resume
+    assert _train(killed, *args, "--resume") == 0
+    a, b = load_tensors(str(tmp_path / "full")), load_tensors(str(killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_local_model_folder(tmp_path, capsys):
+    from fastpeft.training import build_preset
+
+    folder = tmp_path / "model"
+    build_preset("tiny", seed=5).save_pretrained(folder)  # no tokenizer files: the byte tokenizer is used
+    out = tmp_path / "run"
+    assert _train(out, "--model", str(folder), "--steps", "2", "--lr", "1e-3") == 0
+    assert json.loads((out / "train_info.json").read_text())["source"] == {"path": str(folder)}
+    capsys.readouterr()
+    assert generate_main(["--adapter", str(out), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "bitfit"], "invalid choice: 'bitfit'"),
+    (["--steps", "0"], "expected a positive integer"),
+    (["--steps", "3", "--epochs", "1"], "not allowed with argument"),
+    (["--eval-fraction", "1.5"], "expected a fraction"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_argument_errors_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "missing.jsonl"], "--data missing.jsonl does not exist"),
+    (["--method", "prefix", "--gradient-checkpointing"], "does not work with --method prefix"),
+    (["--method", "prompt", "--target-modules", "q_proj"], "applies to lora and ia3"),
+    (["--model", "no-such-model"], "neither a preset"),
+    (["--resume", "nowhere"], "no such checkpoint folder"),
+    (["--batch-size", "512"], "fewer than one global batch"),
+])
+def test_usage_errors_return_2(tmp_path, capsys, argv, message):
+    assert train_main(["--out", str(tmp_path / "o"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastpeft train: error:") and message in err
+
+
+def test_bad_data_error_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"prompt": "only a prompt"}\n')
+    assert _train(tmp_path / "o", "--data", str(data)) == 2
+    assert f"{data}:3: has 'prompt' but no 'completion'" in capsys.readouterr().err
+    data.write_text('{"text": "fine"}\nnot json\n')
+    assert _train(tmp_path / "o", "--data", str(data)) == 2
+    assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_generate_errors(tmp_path, capsys):
+    assert generate_main(["--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "adapter").mkdir()
+    assert generate_main(["--adapter", str(tmp_path / "adapter"), "--prompt", "x"]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert generate_main(["--adapter", str(tmp_path / "adapter"), "--model", "tiny", "--prompt", "x"]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        generate_main(["--adapter", str(tmp_path)])
+    assert exc.value.code == 2

@@ -183,6 +183,7 @@ ext_modules = [
 setup(
     packages=packages,
     package_dir={"fastpeft.kernels": "kernels"},
+    package_data={"fastpeft.training": ["data/*.jsonl"]},  # the tiny dataset of the embedded default
     exclude_package_data={"fastpeft": ["*.so"]},  # an in-place (editable) build is not package data
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

@@ -7,12 +7,13 @@ from .accelerate import accelerate
 from .backend import get_backend, set_backend, use_backend
 from .config import (IA3Config, LoraConfig, PeftConfig, PeftType, PrefixTuningConfig, PromptEncoderConfig,
                      PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit, TaskType)
+from .info import info
 from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification, get_peft_model)
+from .training import Trainer, train
 
 __all__ = [
     "LoraConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PeftConfig",
     "PeftType", "TaskType", "PromptTuningInit", "PromptEncoderReparameterizationType", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForSequenceClassification", "get_peft_model", "accelerate", "backend", "ops",
-    "set_backend", "get_backend", "use_backend",
+    "set_backend", "get_backend", "use_backend", "info", "train", "Trainer",
 ]
-from .info import info

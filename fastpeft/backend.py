@@ -59,7 +59,12 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str | None:
     """The forced backend, or None when each call picks automatically."""
-    return _forced if _forced is not None else _check_name(os.environ.get("FASTPEFT_BACKEND"))
+    if _forced is not None:
+        return _forced
+    try:
+        return _check_name(os.environ.get("FASTPEFT_BACKEND"))
+    except ValueError as err:
+        raise ValueError(f"environment variable FASTPEFT_BACKEND: {err}") from None
 
 
 @contextlib.contextmanager

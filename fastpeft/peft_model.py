@@ -128,8 +128,8 @@ class PeftModel(nn.Module):
         except Exception:
             del self.peft_config[adapter_name]
             raise
-        if adapter_name == self.active_adapter or len(self.peft_config) == 1:
-            self.set_adapter(adapter_name)
+        # re-apply the active adapter: this freezes the new one (its layers were created trainable)
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         if config.inference_mode:
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -280,20 +280,22 @@ class PeftModel(nn.Module):
             from . import prompt_learning
 
             out.update(prompt_learning.state_dict_to_save(self, adapter_name))
-        for live, saved in self._adapter_key_map(adapter_name).items():
-            out[saved] = self.state_dict()[live] if live not in out else out[live]
+        state = self.state_dict()
+        for live, saved in self._adapter_key_map(adapter_name, state).items():
+            out[saved] = state[live] if live not in out else out[live]
         if isinstance(config, LoraConfig) and config.bias != "none":
-            for key, value in self.state_dict().items():
+            lora_parents = {k.split(".lora_A.", 1)[0] for k in state if ".lora_A." in k}
+            for key, value in state.items():
                 if key.endswith(".bias") and ".lora_" not in key and ".modules_to_save." not in key:
                     parent = key.rsplit(".", 2)[0] if key.endswith("base_layer.bias") else None
-                    if config.bias == "all" or (parent and any(k.startswith(parent + ".lora_A.") for k in self.state_dict())):
+                    if config.bias == "all" or parent in lora_parents:
                         out[key] = value
         return out
 
-    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
+    def _adapter_key_map(self, adapter_name: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
         """live state-dict key -> adapter-file key, for the adapter's own tensors."""
         mapping = {}
-        for key in self.state_dict():
+        for key in (self.state_dict() if state is None else state):
             parts = key.split(".")
             for i in range(len(parts) - 1):
                 if parts[i] in _ADAPTER_CONTAINERS and parts[i + 1] == adapter_name:
@@ -354,7 +356,7 @@ class PeftModel(nn.Module):
             prompt_learning.load_state(self, adapter_name, tensors, source)
         config = self.peft_config[adapter_name]
         state = self.state_dict()
-        expected = {saved: live for live, saved in self._adapter_key_map(adapter_name).items()}
+        expected = {saved: live for live, saved in self._adapter_key_map(adapter_name, state).items()}
         if isinstance(config, LoraConfig) and config.bias != "none":
             for key in list(tensors):
                 if key.endswith(".bias") and key in state:
@@ -410,20 +412,42 @@ def _with_task_defaults(config: PeftConfig) -> PeftConfig:
     return config
 
 
-class PeftModelForCausalLM(PeftModel):
+class _NamedInputs:
+    """forward() that names the model inputs, as PEFT's task classes do: HF Trainer reads the
+    signature to decide which dataset columns to keep (remove_unused_columns=True)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+                 "labels": labels}
+        return PeftModel.forward(self, **{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForCausalLM(_NamedInputs, PeftModel):
     pass
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class PeftModelForSequenceClassification(_NamedInputs, PeftModel):
     pass
 
 
 MODEL_TYPE_TO_PEFT_MODEL = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification}
 
 
+def as_fastpeft_config(config: Any) -> PeftConfig:
+    """`config` itself, or the fastpeft twin of an HF PEFT config (through their shared JSON form)."""
+    if isinstance(config, PeftConfig):
+        return config
+    if type(config).__module__.startswith("peft.") and hasattr(config, "to_dict"):
+        data = {k: v for k, v in config.to_dict().items() if k not in ("auto_mapping", "peft_version")}
+        return PeftConfig.from_dict(data, source=f"peft.{type(config).__name__}")
+    raise TypeError(f"peft_config must be a fastpeft (or HF PEFT) config such as LoraConfig or IA3Config, "
+                    f"got {type(config).__name__}")
+
+
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap `model` with a new adapter described by `peft_config` (PEFT's get_peft_model)."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use add_adapter to add another adapter")
+    peft_config = as_fastpeft_config(peft_config)
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(_task(peft_config), PeftModel)
     return cls(model, peft_config, adapter_name)

@@ -23,7 +23,9 @@ def tiny_llama_cls(seed: int | None = None, num_labels: int = 3) -> transformers
 
 
 def tiny_gpt2(seed: int | None = None) -> transformers.PreTrainedModel:
-    cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    # dropout off: parity tests run in training mode (adapter gradients) and must be deterministic
+    cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     if seed is not None:
         torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).eval()

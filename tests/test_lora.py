@@ -116,6 +116,7 @@ def test_mixed_adapter_batch_matches_each_alone_and_peft():
     ours.add_adapter("other", cfg_b)
     theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()  # PEFT takes adapter_names in eval mode only
     ids = torch.randint(0, 97, (4, 6))
     names = ["default", "other", "__base__", "other"]
     with torch.no_grad():

@@ -105,5 +105,21 @@ def format_info(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`fastpeft info [--json]` / `python -m fastpeft.info [--json]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="fastpeft info",
+                                     description="which backends (torch, triton, cuda) are usable here and why not")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if args.json:
+        print(json.dumps(info(file=None), indent=2, default=str))
+    else:
+        info()
+    return 0
+
+
 if __name__ == "__main__":
-    info()
+    sys.exit(main())

@@ -256,3 +256,13 @@ def test_python_m_fastpeft_info():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "torch:" in proc.stdout and "triton:" in proc.stdout and "cuda:" in proc.stdout
+
+
+def test_fastpeft_info_command_prints_json(capsys):
+    import json
+
+    from fastpeft.cli import main
+
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["backends"]) == {"torch", "triton", "cuda"} and report["fastpeft"] == fastpeft.__version__

@@ -34,11 +34,17 @@ class PrefixState:
     configs: tuple  # the model's config (and text sub-config): whose attention layers this prefix is for
 
 
+# The prefix in force: a ContextVar in eager mode (thread- and task-safe); inside a torch.compile
+# trace, which cannot trace ContextVar.set, a plain stack that the compiled graph sets and reads.
 _STATE: contextvars.ContextVar[PrefixState | None] = contextvars.ContextVar("fastpeft_prefix_state", default=None)
+_TRACED: list[PrefixState] = []
 
 
 def _active(config: Any) -> PrefixState | None:
-    state = _STATE.get()
+    if torch.compiler.is_compiling():
+        state = _TRACED[-1] if _TRACED else None
+    else:
+        state = _STATE.get()
     if state is None or (config is not None and not any(c is config for c in state.configs)):
         return None
     return state
@@ -48,7 +54,15 @@ def _active(config: Any) -> PrefixState | None:
 def prefix_context(kv: torch.Tensor, index: torch.Tensor | None, config: Any) -> Iterator[None]:
     """Make `kv` the prefix read by the attention layers of the model with `config` inside the block."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    token = _STATE.set(PrefixState(kv, index, (config, text)))
+    state = PrefixState(kv, index, (config, text))
+    if torch.compiler.is_compiling():
+        _TRACED.append(state)
+        try:
+            yield
+        finally:
+            _TRACED.pop()
+        return
+    token = _STATE.set(state)
     try:
         yield
     finally:
@@ -109,8 +123,8 @@ def mask_function(*args: Any, **kwargs: Any):
         return None
     kv_length = kwargs["kv_length"] if "kv_length" in kwargs else args[2]
     attention_mask = attention_mask[:, -kv_length:].bool()
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
-        return None
+    if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None  # nothing padded: the kernel skips the mask (a data-dependent shortcut, eager only)
     return attention_mask
 
 

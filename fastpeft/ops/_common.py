@@ -12,6 +12,18 @@ def check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def value_checks(t: torch.Tensor) -> bool:
+    """Whether to check the values of index tensor `t` on the host: not for CUDA tensors (that would
+    synchronise the stream) and not while torch.compile traces (data-dependent, a graph break)."""
+    return t.numel() > 0 and not t.is_cuda and not torch.compiler.is_compiling()
+
+
+def dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The custom ops' output contract: contiguous tensors (a no-op for kernels that write them so).
+    Their fake kernels promise the same, so torch.compile's stride assumptions hold for every backend."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     check(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
 

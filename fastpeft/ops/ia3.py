@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check, check_float, check_same_device, gpu_kernel_supports
+from ._common import cast_for_autocast, check, check_float, check_same_device, dense, gpu_kernel_supports
 
 OP = "ia3_linear"
 
@@ -47,7 +47,8 @@ backend.register(OP, "torch", priority=0, forward=reference_forward, backward=re
 @torch.library.custom_op("fastpeft::ia3_linear_fwd", mutates_args=())
 def _ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor,
              feedforward: bool) -> torch.Tensor:
-    return backend.select(OP, x, weight, bias, ia3_l, feedforward).fns["forward"](x, weight, bias, ia3_l, feedforward)
+    impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
+    return impl.fns["forward"](x, weight, bias, ia3_l, feedforward).contiguous()
 
 
 @_ia3_fwd.register_fake
@@ -59,12 +60,12 @@ def _(x, weight, bias, ia3_l, feedforward):
 def _ia3_bwd(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              ia3_l: torch.Tensor, feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
-    return impl.fns["backward"](dy, x, y, weight, bias, ia3_l, feedforward)
+    return dense(*impl.fns["backward"](dy, x, y, weight, bias, ia3_l, feedforward))
 
 
 @_ia3_bwd.register_fake
 def _(dy, x, y, weight, bias, ia3_l, feedforward):
-    return torch.empty_like(x), torch.empty_like(ia3_l)
+    return x.new_empty(x.shape), ia3_l.new_empty(ia3_l.shape)
 
 
 def _setup(ctx, inputs, output):

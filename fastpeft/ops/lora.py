@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check, check_float, check_same_device, gpu_kernel_supports
+from ._common import cast_for_autocast, check, check_float, check_same_device, dense, gpu_kernel_supports
 from ._random import dropout_keep, new_seed
 
 OP = "lora_linear"
@@ -68,8 +68,7 @@ def kernel_supports(x, weight, bias, lora_A, lora_B, *rest, forced: bool) -> str
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, bias, lora_A, lora_B, dropout_p)
-    y, s = impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, s
+    return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
 
 
 @_lora_fwd.register_fake
@@ -82,13 +81,12 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: t
               s: torch.Tensor, scaling: float, dropout_p: float, seed: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, None, lora_A, lora_B, dropout_p)
-    dx, d_a, d_b = impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
-    return dx, d_a, d_b
+    return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed))
 
 
 @_lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 def _setup(ctx, inputs, output):

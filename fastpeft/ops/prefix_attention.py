@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import backend
-from ._common import check, check_float, check_same_device, gpu_kernel_supports
+from ._common import check, check_float, check_same_device, dense, gpu_kernel_supports, value_checks
 
 OP = "prefix_attention"
 
@@ -97,12 +97,12 @@ def _pa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.T
             attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None, causal: bool, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index)
-    return impl.fns["forward"](q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+    return dense(*impl.fns["forward"](q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale))
 
 
 @_pa_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastpeft::prefix_attention_bwd", mutates_args=())
@@ -111,13 +111,13 @@ def _pa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index)
-    return impl.fns["backward"](dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale)
+    return dense(*impl.fns["backward"](dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+                                       causal, scale))
 
 
 @_pa_bwd.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
 
 
 def _setup(ctx, inputs, output):
@@ -164,7 +164,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
         check(prefix_index.dtype in (torch.int32, torch.int64) and tuple(prefix_index.shape) == (B,),
               f"prefix_index must be an integer tensor of shape ({B},)")
         n = prefix_k.shape[0]
-        if prefix_index.numel() and not prefix_index.is_cuda:
+        if value_checks(prefix_index):
             check(int(prefix_index.min()) >= 0 and int(prefix_index.max()) < n,
                   f"prefix_index values must lie in [0, {n})")
         prefix_index = prefix_index.long()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import check, check_same_device
+from ._common import check, check_same_device, value_checks
 
 OP = "soft_prompt_embed"
 
@@ -128,11 +128,11 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
               f"got {tuple(prompt_table.shape)}")
         check(tuple(prompt_index.shape) == (B,) and not prompt_index.is_floating_point(),
               f"prompt_index must be an integer tensor of shape ({B},)")
-        if not prompt_index.is_cuda and prompt_index.numel():
+        if value_checks(prompt_index):
             check(int(prompt_index.min()) >= 0 and int(prompt_index.max()) < prompt_table.shape[0],
                   f"prompt_index values must lie in [0, {prompt_table.shape[0]})")
         prompt_index = prompt_index.long()
-    if not input_ids.is_cuda and input_ids.numel():
+    if value_checks(input_ids):
         V = embedding_weight.shape[0]
         check(int(input_ids.min()) >= 0 and int(input_ids.max()) < V, f"input_ids must lie in [0, {V}) (the vocabulary size)")
     return _sp_fwd(input_ids.long(), embedding_weight, prompt_table, prompt_index)

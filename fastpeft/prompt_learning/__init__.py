@@ -27,6 +27,7 @@ from torch import nn
 from ..config import PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 from ..integrations import transformers_attention as attn
 from ..ops import soft_prompt_embed
+from ..ops._common import value_checks
 from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, build_encoder
 
 __all__ = ["setup_adapter", "forward", "generate", "state_dict_to_save", "load_state", "PromptEmbedding",
@@ -109,7 +110,7 @@ def _tables(peft_model: nn.Module, prompt_index: torch.Tensor | None, adapters: 
     if prompt_index.is_floating_point() or prompt_index.dtype == torch.bool or tuple(prompt_index.shape) != (batch,):
         raise ValueError(f"prompt_index must be an integer tensor of shape ({batch},) (one adapter per row), "
                          f"got {prompt_index.dtype} of shape {tuple(prompt_index.shape)}")
-    if not prompt_index.is_cuda and prompt_index.numel():
+    if value_checks(prompt_index):
         lo, hi = int(prompt_index.min()), int(prompt_index.max())
         if lo < 0 or hi >= len(names):
             raise ValueError(f"prompt_index values must lie in [0, {len(names)}) (adapters {names}), got values "

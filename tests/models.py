@@ -25,10 +25,27 @@ def tiny_llama_cls(seed: int | None = None, num_labels: int = 3) -> transformers
 def tiny_gpt2(seed: int | None = None) -> transformers.PreTrainedModel:
     # dropout off: parity tests run in training mode (adapter gradients) and must be deterministic
     cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     if seed is not None:
         torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_qwen2(seed: int | None = None) -> transformers.PreTrainedModel:
+    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(seed: int | None = None) -> transformers.PreTrainedModel:
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     head_dim=16)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.MistralForCausalLM(cfg).eval()
 
 
 def twin(builder, **kw):

@@ -6,7 +6,7 @@ import torch
 
 import fastpeft
 from fastpeft.nn import LoraLinear
-from tests.models import tiny_gpt2, tiny_llama, tiny_llama_cls
+from tests.models import tiny_gpt2, tiny_llama, tiny_llama_cls, tiny_mistral, tiny_qwen2
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair
 from tests.utils import assert_close
 
@@ -37,6 +37,14 @@ LLAMA_CONFIGS = {
 def test_llama_lora_matches_peft(name):
     cfg = fastpeft.LoraConfig(task_type="CAUSAL_LM", **{"init_lora_weights": False, **LLAMA_CONFIGS[name]})
     ours, theirs = build_pair(tiny_llama, cfg)
+    assert_same_outputs_and_grads(ours, theirs, _batch())
+
+
+@pytest.mark.parametrize("builder", [tiny_qwen2, tiny_mistral], ids=["qwen2", "mistral"])
+def test_other_gqa_families_match_peft(builder):
+    cfg = fastpeft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear",
+                              init_lora_weights=False)
+    ours, theirs = build_pair(builder, cfg)
     assert_same_outputs_and_grads(ours, theirs, _batch())
 
 

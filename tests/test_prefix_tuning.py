@@ -11,37 +11,12 @@ import transformers
 import fastpeft
 from fastpeft import backend
 from fastpeft.integrations import transformers_attention as attn
-from tests.models import tiny_llama, twin
+from tests.models import tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair
 from tests.utils import assert_close
 
 V = 97
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT's own deprecation warnings
-
-
-def tiny_qwen2(seed=None):
-    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_mistral(seed=None):
-    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     head_dim=16)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return transformers.MistralForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed=None):
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_llama_mha(seed=None):

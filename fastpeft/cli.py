@@ -15,6 +15,16 @@ commands:
 `fastpeft <command> --help` for a command's options."""
 
 
+def console() -> int:
+    """The installed `fastpeft` script: as `main`, but `fastpeft bench` runs as its own process entry."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] == "bench" or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        from .bench.cli import entry
+
+        return int(entry(argv[1:] if argv and argv[0] == "bench" else argv) or 0)
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -36,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -267,6 +267,9 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter (unmerging first) and return the plain model."""
         if self.is_prompt_learning:
+            from .integrations import transformers_attention
+
+            transformers_attention.uninstall(self.base_model)
             return self.base_model
         return self._unwrap(False)
 

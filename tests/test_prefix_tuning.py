@@ -94,6 +94,20 @@ def test_kv_cache_holds_only_real_tokens_and_base_model_is_unchanged_outside():
     assert (off - out.logits).abs().max() > 1e-3  # the prefix really changes the output
 
 
+def test_unload_gives_back_the_base_model_and_its_attention():
+    base = tiny_llama(seed=4)
+    before = base.config._attn_implementation
+    ids, mask = left_padded()
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask).logits
+    model = fastpeft.get_peft_model(base, prefix_config(False))
+    assert base.config._attn_implementation == attn.NAME
+    plain = model.unload()
+    assert plain is base and plain.config._attn_implementation == before
+    with torch.no_grad():
+        assert_close(plain(input_ids=ids, attention_mask=mask).logits, want, torch.float32)
+
+
 def test_save_in_fastpeft_load_in_peft_and_back(tmp_path):
     for projection in (False, True):
         ours, theirs = build_pair(tiny_llama, prefix_config(projection))

@@ -150,10 +150,19 @@ def install(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"prefix tuning needs a transformers model, got {type(model).__name__}")
-    if getattr(config, "_attn_implementation", None) == NAME:
+    previous = getattr(config, "_attn_implementation", None)
+    if previous == NAME:
         return
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(NAME)
+        model._fastpeft_previous_attn = previous  # restored by uninstall()
     if getattr(config, "_attn_implementation", None) != NAME:
         raise NotImplementedError(f"{type(model).__name__} does not use transformers' AttentionInterface, so fastpeft "
                                   "cannot route prefix tuning through prefix_attention for it")
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Give `model` back the attention implementation it had before `install`."""
+    previous = model.__dict__.pop("_fastpeft_previous_attn", None)
+    if previous is not None and getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME:
+        model.set_attn_implementation(previous)

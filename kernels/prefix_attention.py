@@ -400,8 +400,11 @@ _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), 
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3),
                _cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2)]
 # dkdv: BLOCK_N keys per program, BLOCK_M queries per inner step
+# (8-warp 64/32-key tiles: the fp32 dK/dV accumulators of D >= 80 spill registers at 4 warps,
+# as `tools/compile_check.py` shows for sm_80 and sm_90)
 _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
-                 _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2)]
+                 _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2),
+                 _cfg(32, 128, 8, 2), _cfg(16, 32, 4, 2)]
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 _TUNE_KEY = ["D", "T_BUCKET", "CAUSAL", "HAS_MASK", "HAS_INDEX"]

@@ -52,3 +52,29 @@ def twin(builder, **kw):
     """Two identical copies of a model (same random weights)."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     return builder(seed=seed, **kw), builder(seed=seed, **kw)
+
+
+def left_padded(B: int = 2, T: int = 6, pad: tuple[int, ...] = (2, 0), vocab: int = 97):
+    """(input_ids, attention_mask) with row b left-padded by pad[b] tokens (pad id 0)."""
+    ids = torch.randint(1, vocab, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, n in enumerate(pad[:B]):
+        mask[b, :n] = 0
+        ids[b, :n] = 0
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kw):
+    """Six greedy tokens: (sequences, per-step scores)."""
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
+    return out.sequences, torch.stack(out.scores)
+
+
+def lm_batch(B: int = 2, T: int = 7, labels: bool = True, pad: tuple[int, ...] = (0, 2), vocab: int = 97) -> dict:
+    """A padded causal-LM batch (input_ids, attention_mask and, if `labels`, labels = input_ids)."""
+    ids, mask = left_padded(B, T, pad, vocab)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        out["labels"] = ids
+    return out

@@ -6,19 +6,9 @@ import torch
 
 import fastpeft
 from fastpeft.nn import IA3Linear
-from tests.models import tiny_gpt2, tiny_llama, tiny_llama_cls
+from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_llama_cls
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair
 from tests.utils import assert_close
-
-
-def _batch(B=2, T=7, vocab=97, labels=True):
-    ids = torch.randint(0, vocab, (B, T))
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[0, :3] = 0
-    out = {"input_ids": ids, "attention_mask": mask}
-    if labels:
-        out["labels"] = ids
-    return out
 
 
 def _randomise_ia3(ours, theirs):
@@ -44,7 +34,7 @@ def test_llama_ia3_matches_peft(name):
     n_layers = sum(isinstance(m, IA3Linear) for m in ours.modules())
     assert n_layers == sum(type(m).__name__ == "Linear" and hasattr(m, "ia3_l") for m in theirs.modules()) > 0
     _randomise_ia3(ours, theirs)
-    assert_same_outputs_and_grads(ours, theirs, _batch())
+    assert_same_outputs_and_grads(ours, theirs, lm_batch())
 
 
 def test_gpt2_ia3_conv1d_matches_peft():
@@ -52,7 +42,7 @@ def test_gpt2_ia3_conv1d_matches_peft():
                              feedforward_modules=["mlp.c_proj"])
     ours, theirs = build_pair(tiny_gpt2, cfg)
     _randomise_ia3(ours, theirs)
-    assert_same_outputs_and_grads(ours, theirs, _batch())
+    assert_same_outputs_and_grads(ours, theirs, lm_batch())
 
 
 def test_sequence_classification_ia3_matches_peft():
@@ -62,7 +52,7 @@ def test_sequence_classification_ia3_matches_peft():
     _randomise_ia3(ours, theirs)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable), "SEQ_CLS must train the classification head (modules_to_save)"
-    batch = _batch(labels=False)
+    batch = lm_batch(labels=False)
     batch["labels"] = torch.randint(0, 3, (2,))
     assert_same_outputs_and_grads(ours, theirs, batch)
 
@@ -72,7 +62,7 @@ def test_merge_unmerge_and_merge_and_unload_match_peft():
     ours, theirs = build_pair(tiny_llama, cfg)
     _randomise_ia3(ours, theirs)
     ours.eval(), theirs.eval()
-    batch = _batch(labels=False)
+    batch = lm_batch(labels=False)
     with torch.no_grad():
         adapted = ours(**batch).logits
         assert_close(adapted, theirs(**batch).logits, torch.float32)

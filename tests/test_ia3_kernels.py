@@ -8,21 +8,13 @@ import fastpeft
 from fastpeft.backend import last_backend
 from fastpeft.ops import ia3 as ia3_op
 from fastpeft.ops import ia3_linear
-from tests.utils import assert_close, triton_device
+from tests.utils import assert_close, linear_inputs, triton_device
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def make_case(device, m, k, n, dtype, l_dtype, feedforward, bias=True, w_t=False, x_nc=False, lead=()):
-    if x_nc:
-        x = torch.randn(*lead, m, 2 * k, device=device, dtype=dtype)[..., ::2]
-    else:
-        x = torch.randn(*lead, m, k, device=device, dtype=dtype)
-    if w_t:
-        weight = (torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5).t()
-    else:
-        weight = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
-    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    x, weight, b = linear_inputs(device, m, k, n, dtype, bias, w_t, x_nc, lead)
     # PEFT's shapes: (1, in_features) for feed-forward, (out_features, 1) for output scaling;
     # values away from 1 so that a missing or doubled scaling cannot pass
     shape = (1, k) if feedforward else (n, 1)

@@ -6,19 +6,9 @@ import torch
 
 import fastpeft
 from fastpeft.nn import LoraLinear
-from tests.models import tiny_gpt2, tiny_llama, tiny_llama_cls, tiny_mistral, tiny_qwen2
+from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_llama_cls, tiny_mistral, tiny_qwen2
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair
 from tests.utils import assert_close
-
-
-def _batch(labels=True, vocab=97, B=2, T=7):
-    ids = torch.randint(0, vocab, (B, T))
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, :2] = 0
-    out = {"input_ids": ids, "attention_mask": mask}
-    if labels:
-        out["labels"] = ids
-    return out
 
 
 LLAMA_CONFIGS = {
@@ -37,7 +27,7 @@ LLAMA_CONFIGS = {
 def test_llama_lora_matches_peft(name):
     cfg = fastpeft.LoraConfig(task_type="CAUSAL_LM", **{"init_lora_weights": False, **LLAMA_CONFIGS[name]})
     ours, theirs = build_pair(tiny_llama, cfg)
-    assert_same_outputs_and_grads(ours, theirs, _batch())
+    assert_same_outputs_and_grads(ours, theirs, lm_batch())
 
 
 @pytest.mark.parametrize("builder", [tiny_qwen2, tiny_mistral], ids=["qwen2", "mistral"])
@@ -45,7 +35,7 @@ def test_other_gqa_families_match_peft(builder):
     cfg = fastpeft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear",
                               init_lora_weights=False)
     ours, theirs = build_pair(builder, cfg)
-    assert_same_outputs_and_grads(ours, theirs, _batch())
+    assert_same_outputs_and_grads(ours, theirs, lm_batch())
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
@@ -53,12 +43,12 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_peft(bias):
     cfg = fastpeft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                               bias=bias, init_lora_weights=False)
     ours, theirs = build_pair(tiny_gpt2, cfg)
-    assert_same_outputs_and_grads(ours, theirs, _batch())
+    assert_same_outputs_and_grads(ours, theirs, lm_batch())
 
 
 def test_default_init_is_identity_and_dropout_only_in_training():
     model = tiny_llama(seed=0)
-    ids = _batch(labels=False)
+    ids = lm_batch(labels=False)
     with torch.no_grad():
         base_logits = model(**ids).logits
     pm = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]))
@@ -80,7 +70,7 @@ def test_default_init_is_identity_and_dropout_only_in_training():
 def test_merge_unmerge_merge_and_unload_and_unload():
     cfg = fastpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     ours, _ = build_pair(tiny_llama, cfg)
-    batch = _batch(labels=False)
+    batch = lm_batch(labels=False)
     weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
     with torch.no_grad():
         expect = ours(**batch).logits

@@ -11,22 +11,14 @@ import fastpeft
 from fastpeft.backend import last_backend
 from fastpeft.ops import lora_linear
 from fastpeft.ops import lora as lora_op
-from tests.utils import assert_close, triton_device
+from tests.utils import assert_close, linear_inputs, triton_device
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def make_case(device, m, k, n, r, dtype, adapter_dtype, bias=True, w_t=False, x_nc=False, lead=()):
     """Random layer inputs; w_t: weight a transposed (non-contiguous) view; x_nc: x a strided view."""
-    if x_nc:
-        x = torch.randn(*lead, m, 2 * k, device=device, dtype=dtype)[..., ::2]
-    else:
-        x = torch.randn(*lead, m, k, device=device, dtype=dtype)
-    if w_t:
-        weight = (torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5).t()
-    else:
-        weight = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
-    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    x, weight, b = linear_inputs(device, m, k, n, dtype, bias, w_t, x_nc, lead)
     lora_A = torch.randn(r, k, device=device, dtype=adapter_dtype) / k ** 0.5
     lora_B = torch.randn(n, r, device=device, dtype=adapter_dtype) / r ** 0.5
     return x, weight, b, lora_A, lora_B

@@ -11,7 +11,7 @@ import transformers
 import fastpeft
 from fastpeft import backend
 from fastpeft.integrations import transformers_attention as attn
-from tests.models import tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin
+from tests.models import greedy, left_padded, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair
 from tests.utils import assert_close
 
@@ -30,21 +30,6 @@ MODELS = {"llama_gqa": tiny_llama, "llama_mha": tiny_llama_mha, "qwen2": tiny_qw
 def prefix_config(projection, P=3):
     return fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
                                        encoder_hidden_size=24 if projection else None)
-
-
-def left_padded(B=2, T=6, pad=(2, 0)):
-    ids = torch.randint(1, V, (B, T))
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(pad[:B]):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
-
-
-def greedy(model, ids, mask, **kw):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
-    return out.sequences, torch.stack(out.scores)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

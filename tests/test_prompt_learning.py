@@ -7,7 +7,7 @@ import torch
 
 import fastpeft
 from fastpeft import backend
-from tests.models import tiny_llama, tiny_llama_cls, twin
+from tests.models import greedy, left_padded, tiny_llama, tiny_llama_cls, twin
 from tests.peft_parity import assert_same_outputs_and_grads, build_pair, peft_config
 from tests.utils import assert_close
 
@@ -45,21 +45,6 @@ def config(kind, tokenizer_dir=None, task="CAUSAL_LM", P=4):
 
 
 KINDS = ["random", "sample_vocab", "text", "ptuning_mlp", "ptuning_lstm"]
-
-
-def left_padded(B=2, T=6, pad=(2, 0)):
-    ids = torch.randint(1, V, (B, T))
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(pad[:B]):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
-
-
-def greedy(model, ids, mask, **kw):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
-    return out.sequences, torch.stack(out.scores)
 
 
 @pytest.mark.parametrize("kind", KINDS)

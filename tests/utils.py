@@ -35,3 +35,19 @@ def triton_device() -> str:
             pytest.skip("triton is not installed")
         return "cpu"
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def linear_inputs(device, m: int, k: int, n: int, dtype: torch.dtype, bias: bool = True, w_t: bool = False,
+                  x_nc: bool = False, lead: tuple[int, ...] = ()):
+    """(x, weight, bias) of a frozen linear layer; w_t: weight a transposed (non-contiguous) view of a
+    (k, n) tensor; x_nc: x a strided (non-contiguous) view; lead: extra leading dims of x."""
+    if x_nc:
+        x = torch.randn(*lead, m, 2 * k, device=device, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(*lead, m, k, device=device, dtype=dtype)
+    if w_t:
+        weight = (torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5).t()
+    else:
+        weight = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    return x, weight, b

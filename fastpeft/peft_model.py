@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import io
-from .config import CONFIG_NAME, IA3Config, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import LoraConfig, PeftConfig, PeftType, TaskType
 from .nn import ModulesToSaveWrapper
 from .nn._base import AdapterLayer
 from .nn.lora import LoraLinear

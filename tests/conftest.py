@@ -21,3 +21,12 @@ def _seed_and_reset_backend():
     fastpeft.set_backend(None)
     yield
     fastpeft.set_backend(None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest and does not fight parallel test processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -47,3 +47,24 @@ def assert_same_outputs_and_grads(ours, theirs, batch, dtype=torch.float32):
     for name in pb:
         assert pb[name].grad is not None and pa[name].grad is not None, f"{name} got no gradient"
         assert_close(pa[name].grad, pb[name].grad, dtype, scale=5, what=f"grad of {name}")
+
+
+def assert_mixed_batch_equals_each_task_alone(model, ids, mask, index, names, **mixed_kw):
+    """Prompt-learning mixed-task batch (row b uses adapter names[index[b]]): its logits equal each
+    task run alone on its rows, and its prompt-encoder gradients equal the alone runs' summed.
+    Returns the mixed output (for further checks)."""
+    mixed = model(input_ids=ids, attention_mask=mask, prompt_index=index, **mixed_kw)
+    g = torch.randn_like(mixed.logits)
+    mixed.logits.backward(g)
+    grads_mixed = {n: p.grad.clone() for n, p in model.prompt_encoder.named_parameters()}
+    model.zero_grad()
+    for k, name in enumerate(names):
+        rows = index == k
+        model.set_adapter(name)
+        model.prompt_encoder.requires_grad_(True)
+        alone = model(input_ids=ids[rows], attention_mask=mask[rows])
+        assert_close(mixed.logits[rows], alone.logits, what=f"rows of adapter {name}")
+        alone.logits.backward(g[rows])
+    for n, p in model.prompt_encoder.named_parameters():
+        assert_close(grads_mixed[n], p.grad, scale=5, what=f"grad of {n}")
+    return mixed

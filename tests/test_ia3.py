@@ -1,6 +1,5 @@
 """IA3 models vs HF PEFT: logits, every adapter gradient, merge/unmerge, SEQ_CLS, GPT-2 Conv1D."""
 
-import peft
 import pytest
 import torch
 

@@ -6,13 +6,13 @@ in past_key_values.  Both must give the same numbers on tiny random-weight model
 import peft
 import pytest
 import torch
-import transformers
 
 import fastpeft
 from fastpeft import backend
 from fastpeft.integrations import transformers_attention as attn
 from tests.models import greedy, left_padded, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin
-from tests.peft_parity import assert_same_outputs_and_grads, build_pair
+from tests.peft_parity import (assert_mixed_batch_equals_each_task_alone, assert_same_outputs_and_grads,
+                               build_pair)
 from tests.utils import assert_close
 
 V = 97
@@ -125,20 +125,7 @@ def test_mixed_task_batch_equals_each_task_alone():
     model = _two_adapter_model()
     ids, mask = left_padded(B=4, pad=(2, 0, 1, 0))
     index = torch.tensor([1, 0, 0, 1])
-    g = torch.randn(4, ids.shape[1], V)
-    mixed = model(input_ids=ids, attention_mask=mask, prompt_index=index)
-    mixed.logits.backward(g)
-    grads_mixed = {n: p.grad.clone() for n, p in model.prompt_encoder.named_parameters()}
-    model.zero_grad()
-    for k, name in enumerate(["a", "b"]):
-        rows = index == k
-        model.set_adapter(name)
-        model.prompt_encoder.requires_grad_(True)
-        alone = model(input_ids=ids[rows], attention_mask=mask[rows])
-        assert_close(mixed.logits[rows], alone.logits, what=f"rows of adapter {name}")
-        alone.logits.backward(g[rows])
-    for n, p in model.prompt_encoder.named_parameters():
-        assert_close(grads_mixed[n], p.grad, scale=5, what=f"grad of {n}")
+    mixed = assert_mixed_batch_equals_each_task_alone(model, ids, mask, index, ["a", "b"])
     # an explicit adapter list picks the order
     swapped = model(input_ids=ids, attention_mask=mask, prompt_index=1 - index, adapters=["b", "a"])
     assert_close(swapped.logits, mixed.logits.detach())

@@ -8,7 +8,8 @@ import torch
 import fastpeft
 from fastpeft import backend
 from tests.models import greedy, left_padded, tiny_llama, tiny_llama_cls, twin
-from tests.peft_parity import assert_same_outputs_and_grads, build_pair, peft_config
+from tests.peft_parity import (assert_mixed_batch_equals_each_task_alone, assert_same_outputs_and_grads, build_pair,
+                               peft_config)
 from tests.utils import assert_close
 
 V = 97
@@ -141,20 +142,7 @@ def test_mixed_task_batch_equals_each_task_alone():
     model.prompt_encoder.requires_grad_(True)
     ids, mask = left_padded(B=4, pad=(2, 0, 1, 0))
     index = torch.tensor([0, 1, 1, 0])
-    g = torch.randn(4, ids.shape[1] + 4, V)
-    mixed = model(input_ids=ids, attention_mask=mask, prompt_index=index, labels=ids)
-    mixed.logits.backward(g)
-    grads_mixed = {n: p.grad.clone() for n, p in model.prompt_encoder.named_parameters()}
-    model.zero_grad()
-    for k, name in enumerate(["a", "b"]):
-        rows = index == k
-        model.set_adapter(name)
-        model.prompt_encoder.requires_grad_(True)
-        alone = model(input_ids=ids[rows], attention_mask=mask[rows])
-        assert_close(mixed.logits[rows], alone.logits, what=f"rows of adapter {name}")
-        alone.logits.backward(g[rows])
-    for n, p in model.prompt_encoder.named_parameters():
-        assert_close(grads_mixed[n], p.grad, scale=5, what=f"grad of {n}")
+    assert_mixed_batch_equals_each_task_alone(model, ids, mask, index, ["a", "b"], labels=ids)
     model.eval()
     seq, scores = greedy(model, ids, mask, prompt_index=index)
     for k, name in enumerate(["a", "b"]):

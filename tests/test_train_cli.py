@@ -12,12 +12,7 @@ from fastpeft.io import load_tensors
 from fastpeft.training.cli import generate_main, train_main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out, *extra):

@@ -16,13 +16,7 @@ from fastpeft.training.trainer import lr_lambda
 ALL_LINEAR = "all-linear"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest and does not fight parallel test processes for cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(dropout=0.0, r=8):

@@ -4,10 +4,16 @@ Each PEFT `lora.Linear` / `ia3.Linear` keeps its identity, parameters, names and
 bookkeeping (set_adapter, disable_adapter, merge, save): only its class is switched to a
 subclass whose forward takes the fused op for the common case (one active vanilla adapter,
 not merged, no per-row adapter_names) and defers to PEFT's forward otherwise.
+
+A PEFT prompt-learning model (prefix tuning, prompt tuning, P-tuning) keeps its encoders and
+parameters; its `forward` and `generate` become fastpeft's (prefix read inside attention, soft prompt
+inside the embedding gather), whose generation is right on every supported transformers release
+(PEFT 0.21's is not on transformers 5.24, which renamed the cache argument).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -64,11 +70,48 @@ def _fast_class(cls: type, forward) -> type:
     return _FAST_CLASSES[cls]
 
 
+PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+def _prompt_learning_type(peft_model: nn.Module) -> str | None:
+    config = getattr(peft_model, "active_peft_config", None) if hasattr(peft_model, "prompt_encoder") else None
+    kind = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+    return kind if kind in PROMPT_LEARNING else None
+
+
+def _prompt_forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
+    from . import prompt_learning
+
+    if task_ids is not None:
+        raise NotImplementedError("fastpeft.accelerate: multitask prompt tuning (task_ids) is not supported")
+    return prompt_learning.forward(self, *args, **kwargs)
+
+
+def _prompt_generate(self, *args: Any, **kwargs: Any):
+    from . import prompt_learning
+
+    return prompt_learning.generate(self, *args, **kwargs)
+
+
+def _accelerate_prompt_learning(peft_model: nn.Module, kind: str) -> nn.Module:
+    from .integrations import transformers_attention as attn
+
+    if peft_model.active_peft_config.num_transformer_submodules not in (None, 1):
+        raise NotImplementedError("fastpeft.accelerate: prompt learning on encoder-decoder models is not supported")
+    if kind == "PREFIX_TUNING":
+        attn.install(peft_model.base_model)
+    # instance attributes, as PEFT's own disable_adapter() swaps them (and puts them back)
+    peft_model.forward = types.MethodType(_prompt_forward, peft_model)
+    peft_model.generate = types.MethodType(_prompt_generate, peft_model)
+    return peft_model
+
+
 def accelerate(peft_model: nn.Module) -> nn.Module:
     """Switch, in place, every PEFT LoRA / IA3 linear layer of `peft_model` to fastpeft's fused ops,
     keeping the same parameter objects, names and values.  Returns `peft_model`.
 
-    Layers fastpeft does not fuse (DoRA, embeddings, convolutions, quantised bases) stay as they are."""
+    Layers fastpeft does not fuse (DoRA, embeddings, convolutions, quantised bases) stay as they are.
+    A prompt-learning PEFT model gets fastpeft's forward and generate (see the module docstring)."""
     try:
         from peft.tuners import ia3 as peft_ia3
         from peft.tuners import lora as peft_lora
@@ -77,6 +120,9 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
                           "(pip install peft); to use fastpeft alone, call fastpeft.get_peft_model") from None
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"accelerate() takes a PEFT model (torch.nn.Module), got {type(peft_model).__name__}")
+    kind = _prompt_learning_type(peft_model)
+    if kind is not None:
+        return _accelerate_prompt_learning(peft_model, kind)
     swapped = 0
     for module in peft_model.modules():
         cls = type(module)
@@ -90,6 +136,6 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
             swapped += 1
     already = any(type(m) in _FAST_CLASSES.values() for m in peft_model.modules())
     if not swapped and not already:
-        raise ValueError(f"accelerate() found no PEFT LoRA or IA3 linear layer in {type(peft_model).__name__}; "
+        raise ValueError(f"accelerate() found no PEFT LoRA or IA3 linear layer (nor prompt learning) in {type(peft_model).__name__}; "
                          "pass the model returned by peft.get_peft_model / PeftModel.from_pretrained")
     return peft_model

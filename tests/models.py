@@ -78,3 +78,25 @@ def lm_batch(B: int = 2, T: int = 7, labels: bool = True, pad: tuple[int, ...] =
     if labels:
         out["labels"] = ids
     return out
+
+
+def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, eos: int | None = 2, pad: int = 0,
+                    **kw):
+    """Greedy decoding by full forwards with no cache at all: the ground truth a cached `generate` must equal
+    token for token.  Mirrors `generate`'s bookkeeping: the attention mask grows by one each step, position ids
+    are the running count of real tokens (`positions=False` for prompt learning, whose forward takes none),
+    and a row that has emitted `eos` is padded with `pad`.  Returns (sequences, per-step logits)."""
+    seq, mask = ids, mask
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    scores = []
+    with torch.no_grad():
+        for _ in range(steps):
+            extra = {"position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)} if positions else {}
+            logits = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra, **kw).logits[:, -1].float()
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            if eos is not None:
+                done = done | (nxt == eos)
+            scores.append(logits)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return seq, torch.stack(scores)

@@ -10,7 +10,8 @@ import torch
 import fastpeft
 from fastpeft import backend
 from fastpeft.integrations import transformers_attention as attn
-from tests.models import greedy, left_padded, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin
+from fastpeft.integrations.generation import output_cache
+from tests.models import greedy, left_padded, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, twin, uncached_greedy
 from tests.peft_parity import (assert_mixed_batch_equals_each_task_alone, assert_same_outputs_and_grads,
                                build_pair)
 from tests.utils import assert_close
@@ -47,11 +48,12 @@ def test_forward_loss_grads_match_peft(model, projection):
 
 
 @pytest.mark.parametrize("model", ["llama_gqa", "qwen2", "gpt2"])
-def test_generate_matches_peft(model):
+def test_generate_equals_peft_forward_decoded_without_cache(model):
+    # the oracle is PEFT's forward decoded greedily with no cache, not PEFT's generate (wrong on 5.24)
     ours, theirs = build_pair(MODELS[model], prefix_config(False))
     ids, mask = left_padded(pad=(3, 0))
     seq_a, scores_a = greedy(ours, ids, mask)
-    seq_b, scores_b = greedy(theirs, ids, mask)
+    seq_b, scores_b = uncached_greedy(theirs, ids, mask)
     assert torch.equal(seq_a, seq_b)
     assert_close(scores_a, scores_b, what="generate scores")
     assert attn._STATE.get() is None
@@ -72,7 +74,7 @@ def test_kv_cache_holds_only_real_tokens_and_base_model_is_unchanged_outside():
     plain.load_state_dict(ours.base_model.state_dict())
     ids, mask = left_padded()
     out = ours(input_ids=ids, attention_mask=mask, use_cache=True)
-    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    assert output_cache(out).get_seq_length() == ids.shape[1]
     with ours.disable_adapter():
         off = ours(input_ids=ids, attention_mask=mask).logits
     assert_close(off, plain(input_ids=ids, attention_mask=mask).logits)
@@ -108,7 +110,7 @@ def test_save_in_fastpeft_load_in_peft_and_back(tmp_path):
         assert_close(loaded_peft(input_ids=ids, attention_mask=mask).logits, expected, what="PEFT loading fastpeft")
         assert_close(loaded_ours(input_ids=ids, attention_mask=mask).logits, expected, what="fastpeft loading PEFT")
         seq_a, _ = greedy(loaded_ours, ids, mask)
-        seq_b, _ = greedy(loaded_peft, ids, mask)
+        seq_b, _ = uncached_greedy(loaded_peft, ids, mask)
         assert torch.equal(seq_a, seq_b)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 from ..integrations import transformers_attention as attn
+from ..integrations.generation import cache_length, find_cache
 from ..ops import soft_prompt_embed
 from ..ops._common import value_checks
 from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, build_encoder
@@ -91,7 +92,21 @@ def setup_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) 
 
 # ---------------------------------------------------------------------------------------------- tables
 def _table(peft_model: nn.Module, name: str) -> torch.Tensor:
-    return peft_model.prompt_encoder[name].table()
+    encoder = peft_model.prompt_encoder[name]
+    if hasattr(encoder, "table"):
+        return encoder.table()
+    # an HF PEFT encoder (a PEFT model accelerated in place): PEFT's own `get_prompt` rule
+    config = peft_model.peft_config[name]
+    if config.inference_mode:
+        return encoder.embedding.weight
+    tokens = peft_model.prompt_tokens[name][: config.num_virtual_tokens].unsqueeze(0)
+    return encoder(tokens.to(encoder.embedding.weight.device))[0]
+
+
+def _is_prefix(config: Any) -> bool:
+    """Prefix tuning, for fastpeft's config or HF PEFT's (accelerated PEFT models)."""
+    kind = getattr(config, "peft_type", None)
+    return isinstance(config, PrefixTuningConfig) or getattr(kind, "value", kind) == "PREFIX_TUNING"
 
 
 def _tables(peft_model: nn.Module, prompt_index: torch.Tensor | None, adapters: list[str] | None,
@@ -162,10 +177,10 @@ def forward(peft_model: nn.Module, input_ids: torch.Tensor | None = None, attent
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
         kwargs["token_type_ids"] = None
 
-    if isinstance(config, PrefixTuningConfig):
+    if _is_prefix(config):
         if model.training and torch.is_grad_enabled() and _checkpointing(model):
             raise ValueError("PREFIX_TUNING does not work with gradient checkpointing (as in PEFT)")
-        kwargs["position_ids"] = _prefix_positions(kwargs.get("position_ids"), kwargs.get("past_key_values"),
+        kwargs["position_ids"] = _prefix_positions(kwargs.get("position_ids"), find_cache(kwargs),
                                                    input_ids if input_ids is not None else inputs_embeds, P,
                                                    _device(input_ids, inputs_embeds))
         with attn.prefix_context(_prefix_kv(table, config), index, model.config):
@@ -205,7 +220,7 @@ def _prefix_positions(position_ids, cache, tokens, P: int, device) -> torch.Tens
     """Position ids of the real tokens, shifted by P (PEFT's prefix occupies positions 0..P-1)."""
     if position_ids is not None:
         return position_ids + P
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    past = cache_length(cache)
     return torch.arange(past + P, past + P + tokens.shape[1], device=device).unsqueeze(0)
 
 
@@ -223,7 +238,7 @@ def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | Non
     with torch.no_grad():
         table, index = _tables(peft_model, prompt_index, adapters, input_ids.shape[0])
     P = table.shape[-2]
-    if isinstance(config, PrefixTuningConfig):
+    if _is_prefix(config):
         prepare = _prefix_prepare(model, P)
         ctx = attn.prefix_context(_prefix_kv(table, config), index, model.config)
     else:
@@ -261,7 +276,7 @@ def _prefix_prepare(model: nn.Module, P: int):
             elif inputs.get("cache_position") is not None:
                 inputs["position_ids"] = (inputs["cache_position"] + P).unsqueeze(0)
             else:
-                inputs["position_ids"] = _prefix_positions(None, inputs.get("past_key_values"), tokens, P,
+                inputs["position_ids"] = _prefix_positions(None, find_cache(inputs), tokens, P,
                                                            tokens.device)
             return inputs
         return prepare
@@ -274,11 +289,13 @@ def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor |
     def make(base_prepare):
         def prepare(*args, **kwargs):
             inputs = base_prepare(*args, **kwargs)
-            cache = inputs.get("past_key_values")
+            # the soft prompt goes in exactly once: at the step whose cache is still empty (every step
+            # when there is no cache at all, since each then recomputes the whole sequence)
+            cache = find_cache(inputs)
             ids = inputs.get("input_ids")
             if ids is None:
                 raise NotImplementedError("prompt-learning generate needs input_ids (not inputs_embeds)")
-            seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            seen = cache_length(cache)
             if cache is not None and seen >= ids.shape[1]:
                 ids = inputs["input_ids"] = ids[:, -1:]
             mask = inputs.get("attention_mask")

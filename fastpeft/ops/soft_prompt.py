@@ -92,6 +92,9 @@ def _(dout, input_ids, num_words, weight_dtype):
 
 def _setup(ctx, inputs, output):
     input_ids, embedding_weight, prompt_table, prompt_index = inputs
+    if not embedding_weight.requires_grad:
+        # the table's gradient needs only the ids' shape: keep a one-element stand-in, not B×T ids
+        input_ids = input_ids.new_zeros(()).expand(input_ids.shape)
     ctx.save_for_backward(input_ids, prompt_index)
     ctx.num_prompts = prompt_table.shape[0] if prompt_table.dim() == 3 else 1
     ctx.prompt_dtype, ctx.weight_dtype = prompt_table.dtype, embedding_weight.dtype

@@ -80,12 +80,23 @@ def lm_batch(B: int = 2, T: int = 7, labels: bool = True, pad: tuple[int, ...] =
     return out
 
 
-def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, eos: int | None = 2, pad: int = 0,
-                    **kw):
+def _eos_ids(model) -> list[int]:
+    """The end-of-sequence ids `generate` stops rows on: the (base) model's generation config."""
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):
+        config = getattr(m, "generation_config", None)
+        if config is not None:
+            eos = config.eos_token_id
+            return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, pad: int = 0, **kw):
     """Greedy decoding by full forwards with no cache at all: the ground truth a cached `generate` must equal
     token for token.  Mirrors `generate`'s bookkeeping: the attention mask grows by one each step, position ids
     are the running count of real tokens (`positions=False` for prompt learning, whose forward takes none),
-    and a row that has emitted `eos` is padded with `pad`.  Returns (sequences, per-step logits)."""
+    and a row that has emitted an end-of-sequence id (the model's generation config) is padded with `pad`.
+    Returns (sequences, per-step logits)."""
+    eos = torch.tensor(_eos_ids(model), dtype=torch.long)
     seq, mask = ids, mask
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     scores = []
@@ -94,8 +105,7 @@ def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, eo
             extra = {"position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)} if positions else {}
             logits = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra, **kw).logits[:, -1].float()
             nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
-            if eos is not None:
-                done = done | (nxt == eos)
+            done = done | torch.isin(nxt, eos)
             scores.append(logits)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -87,11 +87,11 @@ def assert_generate_equals_uncached(model, ids, mask, positions, **kw):
 def test_cached_generate_equals_uncached_greedy(model, method):
     ours = build(model, method)
     ids, mask = left_padded(B=3, pad=(3, 0, 1))
-    seq = assert_generate_equals_uncached(ours, ids, mask, takes_positions(method))
-    with ours.disable_adapter():  # the adapter really changed the tokens (else the test proves little)
-        plain, _ = greedy(ours, ids, mask)
-    if method != "ia3":  # IA3 rescales: the argmax may survive it on a 2-layer toy model
-        assert not torch.equal(seq, plain), "the adapter did not change the generated tokens"
+    assert_generate_equals_uncached(ours, ids, mask, takes_positions(method))
+    _, scores = greedy(ours, ids, mask)
+    with ours.disable_adapter():  # the adapter really changed the logits (else the test proves little)
+        _, plain = greedy(ours, ids, mask)
+    assert (scores[0] - plain[0]).abs().max() > 1e-3, "the adapter did not change the first step's logits"
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt", "ptuning_lstm", "prefix"])

@@ -8,13 +8,16 @@ error naming the field otherwise: a config is never silently half-applied.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from .io import atomic_write_text
+from . import io
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION_COMPAT = "0.21.0"
@@ -56,6 +59,152 @@ _INERT = {
     "init_weights": (None, True), "runtime_config": None, "qalora_group_size": None,
 }
 _METADATA = {"auto_mapping", "peft_version"}
+# PEFT's task types; fastpeft builds the task head (modules_to_save) for the first three only
+_SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+_PEFT_ONLY_TASKS = ("SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+# One checker per kind of field: it returns the (normalised) value or raises _Bad(what was expected).
+# Every config's __post_init__ runs its class's table (`_checks`), so a config built in code, read from
+# adapter_config.json or converted from an HF PEFT config is validated by the same rules.
+class _Bad(Exception):
+    """`expected`; optionally the sub-item that is wrong (`where`, `value`) and a did-you-mean `hint`."""
+
+    def __init__(self, expected: str, where: str = "", value: Any = None, hint: str = "") -> None:
+        super().__init__(expected)
+        self.expected, self.where, self.value, self.hint = expected, where, value, hint
+
+
+Check = Callable[[Any], Any]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(v: Any) -> int:
+    if not _is_int(v) or v <= 0:
+        raise _Bad("a positive integer")
+    return v
+
+
+def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+            what: str = "a finite number") -> Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _Bad(what)
+        if v < low or v > high or (low_open and v == low) or (high_open and v == high):
+            raise _Bad(what)
+        return v
+    return check
+
+
+_positive_number = _number(0.0, low_open=True, what="a positive finite number")
+_probability = _number(0.0, 1.0, high_open=True, what="a number in [0, 1)")
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad("true or false")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad("a string")
+    return v
+
+
+def _optional(check: Check) -> Check:
+    def optional(v: Any) -> Any:
+        if v is None:
+            return None
+        try:
+            return check(v)
+        except _Bad as err:
+            raise _Bad(f"{err.expected} or null", err.where, err.value, err.hint) from None
+    return optional
+
+
+def _names(v: Any) -> Any:
+    """A module-name spec: None, a string (a regex, or "all-linear") or a list of strings."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in v):
+        return sorted(v) if isinstance(v, (set, frozenset, tuple)) else list(v)
+    raise _Bad("a string or a list of strings (or null)")
+
+
+def _name_list(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in v):
+        return list(v)
+    raise _Bad("a list of strings (or null)")
+
+
+def _pattern(value_check: Check, what: str) -> Check:
+    def pattern(v: Any) -> dict:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise _Bad(f"a mapping from module-name pattern to {what}")
+        for key, item in v.items():
+            if not isinstance(key, str):
+                raise _Bad(f"a mapping from module-name pattern (string) to {what}; key {key!r} is not a string")
+            try:
+                value_check(item)
+            except _Bad:
+                raise _Bad(what, where=f"[{key!r}]", value=item) from None
+        return dict(v)
+    return pattern
+
+
+def _choice(*values: Any) -> Check:
+    def choice(v: Any) -> Any:
+        plain = _plain(v)
+        if isinstance(plain, bool) or plain not in values:
+            raise _Bad("one of " + ", ".join(repr(x) for x in values))
+        return plain
+    return choice
+
+
+def _task_type(v: Any) -> Any:
+    if v is None:
+        return None
+    plain = _plain(v)
+    if plain in _SUPPORTED_TASKS:
+        return v
+    if plain in _PEFT_ONLY_TASKS:
+        raise NotImplementedError(f"task_type {plain!r} is a PEFT task type fastpeft does not support "
+                                  f"(supported: {', '.join(_SUPPORTED_TASKS)}, or null)")
+    hint = difflib.get_close_matches(str(plain).upper(), _SUPPORTED_TASKS + _PEFT_ONLY_TASKS, n=1, cutoff=0.5)
+    raise _Bad(f"one of {', '.join(_SUPPORTED_TASKS)} (or null)", hint=f"did you mean {hint[0]!r}?" if hint else "")
+
+
+def _validate(config: "PeftConfig") -> None:
+    """Check and normalise every field in the tables of `config`'s class and its bases."""
+    checks: dict[str, Check] = {}
+    for klass in reversed(type(config).__mro__):
+        checks.update(klass.__dict__.get("_checks", {}))
+    for name, check in checks.items():
+        value = getattr(config, name)
+        try:
+            object.__setattr__(config, name, check(value))
+        except _Bad as err:
+            bad = err.value if err.where else value
+            hint = f"; {err.hint}" if err.hint else ""
+            raise ValueError(f"{type(config).__name__}.{name}{err.where} must be {err.expected}, got "
+                             f"{type(bad).__name__} {bad!r}{hint}") from None
+
+
+def _describe_unknown(unknown: dict[str, Any], known: set[str]) -> str:
+    parts = []
+    for key in sorted(unknown):
+        hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        parts.append(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return ", ".join(parts)
 
 
 @dataclass
@@ -67,6 +216,14 @@ class PeftConfig:
     inference_mode: bool = False
     modules_to_save: list[str] | None = None
 
+    _checks: ClassVar[dict[str, Check]] = {
+        "task_type": _task_type, "base_model_name_or_path": _optional(_str), "revision": _optional(_str),
+        "inference_mode": _bool, "modules_to_save": _name_list,
+    }
+
+    def __post_init__(self):
+        _validate(self)
+
     @property
     def is_prompt_learning(self) -> bool:
         return self.peft_type in (PeftType.PREFIX_TUNING, PeftType.PROMPT_TUNING, PeftType.P_TUNING)
@@ -77,11 +234,15 @@ class PeftConfig:
         for f in dataclasses.fields(self):
             if f.name != "task_type":
                 out[f.name] = _plain(getattr(self, f.name))
+        for key, value in getattr(self, "_unknown_fields", {}).items():
+            out.setdefault(key, value)  # fields of a newer PEFT, kept so that a save round-trips them
         return out
 
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        io.write_file_set(directory, {CONFIG_NAME: io.text_writer(self.to_json_string())})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
@@ -98,7 +259,7 @@ class PeftConfig:
         elif peft_type is not None and peft_type != cls.peft_type.value:
             raise ValueError(f"{source} is a {peft_type} config, not {cls.peft_type.value}")
         names = {f.name for f in dataclasses.fields(target)}
-        kwargs = {}
+        kwargs, unknown = {}, {}
         for key, value in data.items():
             if key in names:
                 kwargs[key] = value
@@ -109,18 +270,29 @@ class PeftConfig:
                 if allowed is not None and value not in allowed:
                     raise NotImplementedError(f"{source}: PEFT option {key}={value!r} is not supported by fastpeft")
             else:
-                raise ValueError(f"{source}: unknown field {key!r} for {target.__name__}")
-        return target(**kwargs)
+                unknown[key] = value
+        try:
+            config = target(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{source}: {err}") from None
+        except NotImplementedError as err:
+            raise NotImplementedError(f"{source}: {err}") from None
+        if unknown:
+            # as PEFT: a field of a newer PEFT version is not fatal; unlike PEFT it is kept (and saved again)
+            warnings.warn(f"{source}: field(s) {_describe_unknown(unknown, names)} unknown to {target.__name__} "
+                          f"(written by a newer PEFT?) are kept in the config but not applied", stacklevel=2)
+            object.__setattr__(config, "_unknown_fields", unknown)
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
-        path = os.path.join(directory, CONFIG_NAME)
+        path = io.adapter_file(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
@@ -131,12 +303,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return value
-
-
-def _as_list(value):
-    if isinstance(value, (set, frozenset, tuple)):
         return sorted(value)
     return value
 
@@ -156,18 +322,18 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
+    _checks: ClassVar[dict[str, Check]] = {
+        "r": _positive_int, "target_modules": _names, "exclude_modules": _names, "lora_alpha": _positive_number,
+        "lora_dropout": _probability, "fan_in_fan_out": _bool, "bias": _choice("none", "all", "lora_only"),
+        "use_rslora": _bool, "rank_pattern": _pattern(_positive_int, "a positive integer rank"),
+        "alpha_pattern": _pattern(_positive_number, "a positive finite alpha"),
+    }
+
     def __post_init__(self):
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        for key, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        super().__post_init__()
+        if not isinstance(self.init_lora_weights, (bool, str)):
+            raise ValueError(f"LoraConfig.init_lora_weights must be true, false or a string, got "
+                             f"{type(self.init_lora_weights).__name__} {self.init_lora_weights!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise NotImplementedError(f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft "
                                       "(supported: True, False, 'gaussian')")
@@ -182,10 +348,13 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
 
+    _checks: ClassVar[dict[str, Check]] = {
+        "target_modules": _names, "exclude_modules": _names, "feedforward_modules": _names,
+        "fan_in_fan_out": _bool, "init_ia3_weights": _bool,
+    }
+
     def __post_init__(self):
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        self.feedforward_modules = _as_list(self.feedforward_modules)
+        super().__post_init__()
         if (isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list)
                 and not set(self.feedforward_modules) <= set(self.target_modules)):
             raise ValueError("IA3Config.feedforward_modules must be a subset of target_modules")
@@ -199,10 +368,11 @@ class PromptLearningConfig(PeftConfig):
     num_attention_heads: int | None = None
     num_layers: int | None = None
 
-    def __post_init__(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ValueError(f"{type(self).__name__}.num_virtual_tokens must be a positive integer, "
-                             f"got {self.num_virtual_tokens!r}")
+    _checks: ClassVar[dict[str, Check]] = {
+        "num_virtual_tokens": _positive_int, "token_dim": _optional(_positive_int),
+        "num_transformer_submodules": _optional(_positive_int), "num_attention_heads": _optional(_positive_int),
+        "num_layers": _optional(_positive_int),
+    }
 
 
 @dataclass
@@ -210,6 +380,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[PeftType] = PeftType.PREFIX_TUNING
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
+
+    _checks: ClassVar[dict[str, Check]] = {"encoder_hidden_size": _optional(_positive_int),
+                                           "prefix_projection": _bool}
 
 
 @dataclass
@@ -220,11 +393,14 @@ class PromptTuningConfig(PromptLearningConfig):
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
 
+    _checks: ClassVar[dict[str, Check]] = {
+        "prompt_tuning_init": _choice(*(m.value for m in PromptTuningInit)),
+        "prompt_tuning_init_text": _optional(_str), "tokenizer_name_or_path": _optional(_str),
+        "tokenizer_kwargs": _optional(_pattern(lambda v: v, "any value")),
+    }
+
     def __post_init__(self):
         super().__post_init__()
-        self.prompt_tuning_init = _plain(self.prompt_tuning_init)
-        if self.prompt_tuning_init not in {m.value for m in PromptTuningInit}:
-            raise ValueError(f"prompt_tuning_init must be one of TEXT, SAMPLE_VOCAB, RANDOM, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
 
@@ -237,12 +413,10 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.encoder_reparameterization_type = _plain(self.encoder_reparameterization_type)
-        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
-            raise ValueError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', "
-                             f"got {self.encoder_reparameterization_type!r}")
+    _checks: ClassVar[dict[str, Check]] = {
+        "encoder_reparameterization_type": _choice("MLP", "LSTM"), "encoder_hidden_size": _optional(_positive_int),
+        "encoder_num_layers": _positive_int, "encoder_dropout": _probability,
+    }
 
 
 CONFIG_MAPPING: dict[str, type[PeftConfig]] = {

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import io
-from .config import LoraConfig, PeftConfig, PeftType, TaskType
+from .config import CONFIG_NAME, LoraConfig, PeftConfig, PeftType, PrefixTuningConfig, TaskType
 from .nn import ModulesToSaveWrapper
 from .nn._base import AdapterLayer
 from .nn.lora import LoraLinear
@@ -25,6 +25,23 @@ from .tuners import inject_adapter, mark_trainable, wrap_modules_to_save
 
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "ia3_l")
 _SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+_BASE = "__base__"  # in adapter_names: this row runs the base model
+_RESERVED_NAMES = (_BASE, CONFIG_NAME, io.WEIGHTS_NAME, io.LEGACY_WEIGHTS_NAME, io.PENDING_NAME)
+
+
+def check_adapter_name(name: Any) -> None:
+    """An adapter name is also a sub-folder name in save_pretrained and a key of the layers' ModuleDicts:
+    a non-empty string without path separators, dots, NUL or other control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
+    bad = sorted({c for c in name if c in "/\\." or ord(c) < 32 or c in (os.sep, os.altsep or "/")})
+    if bad or os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        raise ValueError(f"adapter name {name!r} cannot be used: it names the adapter's folder inside the save "
+                         f"directory (and a module key), so it may not contain {bad or 'a drive or root'}")
+    if name in _RESERVED_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved")
 
 
 class TunerModel(nn.Module):
@@ -35,29 +52,75 @@ class TunerModel(nn.Module):
         self.model = model
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with _batch_adapters(self.model, adapter_names):
+        batch = _batch_rows(args, kwargs)
+        with _batch_adapters(self.model, adapter_names, batch, expand=False):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with _batch_adapters(self.model, adapter_names):
+        batch = _batch_rows(args, kwargs)
+        with _batch_adapters(self.model, adapter_names, batch, expand=True):
             return self.model.generate(*args, **kwargs)
 
 
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    for x in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds")):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return x.shape[0]
+    return None
+
+
+def check_adapter_names(model: nn.Module, adapter_names: Any, batch: int | None) -> list[str]:
+    """PEFT's checks on a mixed-adapter batch, made before anything runs: a list of adapter names (or
+    "__base__"), one per batch row, each held by some LoRA layer of `model`."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per batch row, got "
+                        f"{type(adapter_names).__name__}")
+    names = list(adapter_names)
+    if not names:
+        raise ValueError("adapter_names is empty: pass one adapter name per batch row "
+                         "(\"__base__\" for the base model)")
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must hold strings, got {[type(n).__name__ for n in names]}")
+    if batch is not None and len(names) != batch:
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; pass one adapter "
+                         f"name per row (it is not repeated over the rows)")
+    held: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            held.update(module.adapters())
+        elif isinstance(module, AdapterLayer):
+            raise ValueError(f"adapter_names (mixed-adapter batches) is supported for LoRA only, not for "
+                             f"{type(module).__name__} layers")
+    unknown = sorted({n for n in names if n != _BASE} - held)
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this model has {sorted(held)}")
+    return names
+
+
 @contextlib.contextmanager
-def _batch_adapters(model: nn.Module, adapter_names: list[str] | None) -> Iterator[None]:
-    """Route each batch row through its own LoRA adapter (PEFT's `adapter_names` forward argument)."""
+def _batch_adapters(model: nn.Module, adapter_names: list[str] | None, batch: int | None,
+                    expand: bool) -> Iterator[None]:
+    """Route each batch row through its own LoRA adapter (PEFT's `adapter_names` forward argument).  As in
+    PEFT, a row whose adapter does not adapt a layer gets that layer's base output; modules_to_save copies
+    are chosen per row too.  `expand`: generate() may repeat each row (num_beams, num_return_sequences)."""
     if adapter_names is None:
         yield
         return
+    names = check_adapter_names(model, adapter_names, batch)
     handles = []
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            def hook(mod, args, kwargs):
-                kwargs["adapter_names"] = _expand_adapter_names(adapter_names, args[0].shape[0])
+            present = set(module.adapters())
+            own = [n if n in present else _BASE for n in names]
+
+            def hook(mod, args, kwargs, own=own):
+                kwargs["adapter_names"] = _rows_names(own, args[0].shape[0], expand)
                 return args, kwargs
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        elif isinstance(module, AdapterLayer):
-            raise ValueError("adapter_names (mixed-adapter batches) is supported for LoRA only")
+        elif isinstance(module, ModulesToSaveWrapper):
+            def mts_hook(mod, args, kwargs, output):
+                return _modules_to_save_rows(mod, args, kwargs, output, _rows_names(names, args[0].shape[0], expand))
+            handles.append(module.register_forward_hook(mts_hook, with_kwargs=True))
     try:
         yield
     finally:
@@ -65,12 +128,41 @@ def _batch_adapters(model: nn.Module, adapter_names: list[str] | None) -> Iterat
             h.remove()
 
 
-def _expand_adapter_names(names: list[str], rows: int) -> list[str]:
-    # generate() with num_beams / num_return_sequences repeats each row
-    if rows == len(names) or rows % len(names):
-        return list(names)
+def _rows_names(names: list[str], rows: int, expand: bool) -> list[str]:
+    # generate() with num_beams / num_return_sequences repeats each row k times (repeat_interleave)
+    if not expand or rows == len(names) or rows % len(names):
+        return names  # a wrong row count is refused by the layer, naming both counts
     k = rows // len(names)
     return [n for n in names for _ in range(k)]
+
+
+def _modules_to_save_rows(module: ModulesToSaveWrapper, args: tuple, kwargs: dict, output: Any,
+                          names: list[str]) -> Any:
+    """Recompute a modules_to_save wrapper's output row by row with each row's own copy (PEFT's mixed batch)."""
+    if module.disable_adapters or not args or not isinstance(output, torch.Tensor):
+        return None
+    x = args[0]
+    if x.shape[0] != len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
+    choice = [n if n in module.modules_to_save else _BASE for n in names]
+    if all(n == module.active_adapter for n in choice):
+        return None
+    out = None
+    for name in dict.fromkeys(choice):
+        rows = torch.tensor([i for i, n in enumerate(choice) if n == name], device=x.device)
+        sub = module.original_module if name == _BASE else module.modules_to_save[name]
+        ys = sub(x.index_select(0, rows), *args[1:], **kwargs)
+        out = ys.new_empty((x.shape[0], *ys.shape[1:])) if out is None else out
+        out = out.index_copy(0, rows, ys)
+    return out
+
+
+def _fastpeft_parts(model: nn.Module) -> list[str]:
+    """Names of the fastpeft adapter modules `model` already holds (a model some PeftModel wraps)."""
+    parts = [n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+    if "_fastpeft_previous_attn" in model.__dict__:
+        parts.append("(prefix-tuning attention)")
+    return parts
 
 
 class PeftModel(nn.Module):
@@ -81,6 +173,16 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a fastpeft config (LoraConfig, IA3Config, ...), "
                             f"got {type(peft_config).__name__}")
+        if isinstance(model, PeftModel):
+            raise ValueError("model is already a PeftModel; add another adapter with add_adapter / load_adapter")
+        held = _fastpeft_parts(model)
+        if held:
+            # PEFT only warns here ("modify a model with PEFT for a second time") and re-initialises same-named
+            # adapters: the trained weights are lost.  fastpeft refuses before touching the model.
+            raise ValueError(f"{type(model).__name__} already carries fastpeft adapters ({len(held)} module(s), e.g. "
+                             f"{held[0]!r}): wrapping it again would re-initialise them.  Use add_adapter / "
+                             f"load_adapter on the PeftModel that holds it, or its unload() / merge_and_unload() first")
+        check_adapter_name(adapter_name)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
@@ -90,7 +192,7 @@ class PeftModel(nn.Module):
             self.prompt_encoder = nn.ModuleDict()
         else:
             self.base_model = TunerModel(model)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config)  # on failure it gives `model` back as it came
         if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
             self.config = model.config
 
@@ -108,11 +210,16 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter of the same method; it becomes trainable only after `set_adapter`."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a fastpeft config, got {type(peft_config).__name__}")
         if peft_config.peft_type != self.peft_type:
             raise ValueError(f"this model holds {self.peft_type.value} adapters; cannot add a "
                              f"{peft_config.peft_type.value} adapter (one method per model)")
+        if peft_config.is_prompt_learning:
+            _check_prompt_geometry(self.base_model, peft_config)
         config = _with_task_defaults(peft_config)
         self.peft_config[adapter_name] = config
         try:
@@ -127,6 +234,7 @@ class PeftModel(nn.Module):
             wrap_modules_to_save(model, config.modules_to_save, adapter_name)
         except Exception:
             del self.peft_config[adapter_name]
+            self._drop_adapter_parts(adapter_name)
             raise
         # re-apply the active adapter: this freezes the new one (its layers were created trainable)
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
@@ -153,6 +261,27 @@ class PeftModel(nn.Module):
             if config.inference_mode:
                 for p in self.parameters():
                     p.requires_grad_(False)
+
+    def _drop_adapter_parts(self, adapter_name: str) -> None:
+        """Remove whatever a failed add_adapter had already built for `adapter_name`; a layer or wrapper
+        left with no adapter is replaced by the module it wrapped."""
+        model = self.get_base_model()
+        if self.is_prompt_learning and adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters():
+                module.delete_adapter(adapter_name)
+                if not module.adapters():
+                    module.unmerge()
+                    _replace(model, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+                if not len(module.modules_to_save):
+                    _replace(model, name, module.original_module)
+        if self.is_prompt_learning and not len(self.prompt_encoder):
+            from .integrations import transformers_attention
+
+            transformers_attention.uninstall(model)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -189,9 +318,17 @@ class PeftModel(nn.Module):
             self._adapters_disabled = was
 
     # ------------------------------------------------------------------ forward
+    def _no_adapter_names(self, kwargs: dict) -> None:
+        # PEFT drops adapter_names silently on a prompt-learning model (every row gets the active adapter)
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(f"adapter_names (per-row LoRA adapters) does not apply to {self.peft_type.value} "
+                             "adapters; for a mixed-task batch pass prompt_index (one index per row into `adapters`)")
+
     def forward(self, *args, **kwargs):
         if self.is_prompt_learning:
             from . import prompt_learning
+
+            self._no_adapter_names(kwargs)
 
             if self._adapters_disabled:
                 kwargs.pop("prompt_index", None)
@@ -202,6 +339,8 @@ class PeftModel(nn.Module):
     def generate(self, *args, **kwargs):
         if self.is_prompt_learning:
             from . import prompt_learning
+
+            self._no_adapter_names(kwargs)
 
             if self._adapters_disabled:
                 kwargs.pop("prompt_index", None)
@@ -237,27 +376,51 @@ class PeftModel(nn.Module):
             raise ValueError(f"{self.peft_type.value} adapters have no weights to merge")
         return [m for m in self.base_model.model.modules() if isinstance(m, AdapterLayer)]
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        for layer in self._adapter_layers():
-            layer.merge(adapter_names or [self.active_adapter])
+    def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
+        if adapter_names is None:
+            return [self.active_adapter]
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of adapter names, got {type(adapter_names).__name__}")
+        unknown = [n for n in adapter_names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this model has "
+                             f"{sorted(self.peft_config)}")
+        return list(adapter_names)  # [] merges nothing, as in PEFT
+
+    def _merge(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Merge into every adapter layer, or (safe_merge) into none when any layer would turn non-finite."""
+        names = self._merge_names(adapter_names)
+        layers = [(n, m) for n, m in self.base_model.model.named_modules() if isinstance(m, AdapterLayer)]
+        if not names:
+            return
+        if safe_merge:
+            bad = [n for n, m in layers if not _merge_stays_finite(m, names)]
+            if bad:
+                raise ValueError(f"safe_merge: merging adapter(s) {names} gives non-finite weights in {len(bad)} "
+                                 f"layer(s): {bad[:3]}{' ...' if len(bad) > 3 else ''}; no layer was merged")
+        for _, layer in layers:
+            layer.merge(names)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._adapter_layers()
+        self._merge(adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         for layer in self._adapter_layers():
             layer.unmerge()
 
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        layers = self._adapter_layers()
+        self._adapter_layers()
+        if merge:
+            self._merge(adapter_names, safe_merge)  # all checks first: a refused merge leaves the model as it was
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
-                if merge:
-                    module.merge(adapter_names or [self.active_adapter], safe_merge=safe_merge)
-                else:
+                if not merge:
                     module.unmerge()
                 _replace(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 _replace(model, name, module._current() if merge else module.original_module)
-        del layers
         return model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
@@ -313,16 +476,19 @@ class PeftModel(nn.Module):
                         **_: Any) -> None:
         """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors
         (the "default" adapter at the top, others in sub-folders named after them)."""
+        save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file, not a folder")
-        names = selected_adapters or list(self.peft_config)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+        if not names:
+            raise ValueError(f"selected_adapters is empty: nothing to save (this model has {sorted(self.peft_config)})")
+        for name in names:
+            check_adapter_name(name)
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(directory, exist_ok=True)
-            io.save_tensors(os.path.join(directory, io.WEIGHTS_NAME), self.adapter_state_dict(name))
             config = self.peft_config[name]
             inference_mode = config.inference_mode
             config.inference_mode = True
@@ -330,14 +496,20 @@ class PeftModel(nn.Module):
                 if config.base_model_name_or_path is None:
                     config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None),
                                                              "_name_or_path", None) or None
-                config.save_pretrained(directory)
+                text = config.to_json_string()
             finally:
                 config.inference_mode = inference_mode
+            # the pair is replaced as a set: a kill at any point leaves the old adapter or the new one
+            io.write_file_set(directory, {io.WEIGHTS_NAME: io.tensors_writer(self.adapter_state_dict(name)),
+                                          CONFIG_NAME: io.text_writer(text)})
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None) -> None:
         """Load the adapter saved in `model_id` under the name `adapter_name`."""
         model_id = str(model_id)
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; load under another name or delete it first")
         if not os.path.isdir(model_id):
             raise FileNotFoundError(f"adapter folder {model_id} does not exist (fastpeft loads from local folders)")
         config = config or PeftConfig.from_pretrained(model_id)
@@ -345,7 +517,7 @@ class PeftModel(nn.Module):
         tensors = io.load_tensors(model_id, device="cpu")
         self.add_adapter(adapter_name, config)
         try:
-            self._load_tensors(adapter_name, tensors, os.path.join(model_id, io.WEIGHTS_NAME))
+            self._load_tensors(adapter_name, tensors, io.adapter_file(model_id, io.WEIGHTS_NAME))
         except Exception:
             if len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)
@@ -386,6 +558,10 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: PeftConfig | None = None, **_: Any) -> "PeftModel":
         """Wrap `model` with the adapter saved in `model_id` (a PEFT or fastpeft adapter folder)."""
         model_id = str(model_id)
+        if isinstance(model, PeftModel):
+            raise ValueError("model is already a PeftModel: load another adapter into it with "
+                             "model.load_adapter(model_id, adapter_name=...) (its adapters are left untouched)")
+        check_adapter_name(adapter_name)
         if not os.path.isdir(model_id):
             raise FileNotFoundError(f"adapter folder {model_id} does not exist (fastpeft loads from local folders)")
         config = config or PeftConfig.from_pretrained(model_id)
@@ -393,8 +569,58 @@ class PeftModel(nn.Module):
         tensors = io.load_tensors(model_id, device="cpu")
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(_task(config), PeftModel)
         peft_model = peft_cls(model, config, adapter_name)
-        peft_model._load_tensors(adapter_name, tensors, os.path.join(model_id, io.WEIGHTS_NAME))
+        try:
+            peft_model._load_tensors(adapter_name, tensors, io.adapter_file(model_id, io.WEIGHTS_NAME))
+        except Exception:
+            peft_model._drop_adapter_parts(adapter_name)  # the file does not fit: give `model` back as it came
+            raise
         return peft_model
+
+
+def _merge_stays_finite(layer: AdapterLayer, names: list[str]) -> bool:
+    """Merge `names` into `layer` on trial, put its weights back exactly, and say whether they stayed finite
+    (one layer's copy at a time, as PEFT's safe_merge)."""
+    params = [p for p in (layer.base_layer.weight, getattr(layer.base_layer, "bias", None)) if p is not None]
+    originals = [p.data for p in params]
+    saved = [p.detach().clone() for p in params]
+    merged_before = list(layer.merged_adapters)
+    try:
+        layer.merge(names)
+        return all(bool(torch.isfinite(p).all()) for p in params)
+    finally:
+        with torch.no_grad():
+            for p, original, copy in zip(params, originals, saved):
+                original.copy_(copy)
+                p.data = original
+        layer.merged_adapters[:] = merged_before
+
+
+def _check_prompt_geometry(model: nn.Module, config: PeftConfig) -> None:
+    """A prompt-learning config read from a file names the geometry it was made for: a prefix holds one
+    key/value block per layer (num_layers), a soft prompt one vector of the hidden size (token_dim) per token.
+    Made for another model, it must not load (a prefix would run with layers missing)."""
+    model_config = getattr(model, "config", None)
+    if model_config is None:
+        return
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+    def first(*names: str) -> int | None:
+        return next((getattr(text, n) for n in names if isinstance(getattr(text, n, None), int)), None)
+
+    made_for = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+    if isinstance(config, PrefixTuningConfig):
+        layers = first("num_hidden_layers", "num_layers", "n_layer")
+        if config.num_layers is not None and layers is not None and layers != config.num_layers:
+            raise ValueError(f"this prefix-tuning adapter was made for a model with num_layers={config.num_layers}"
+                             f"{made_for}, but {type(model).__name__} has {layers} layers")
+    else:  # the prompt goes in front of the word embeddings: their width is what must match
+        get = getattr(model, "get_input_embeddings", None)
+        embeddings = get() if callable(get) else None
+        weight = getattr(embeddings, "weight", None)
+        hidden = weight.shape[-1] if isinstance(weight, torch.Tensor) else first("hidden_size", "n_embd", "d_model")
+        if config.token_dim is not None and hidden is not None and hidden != config.token_dim:
+            raise ValueError(f"this {config.peft_type.value} adapter was made for a model with token_dim="
+                             f"{config.token_dim}{made_for}, but {type(model).__name__} has hidden size {hidden}")
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -104,6 +104,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to `model` in place; returns the adapted module names."""
     names = resolve_targets(model, config)
+    for name in names:  # checked for all targets before any is touched
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters():
+            raise ValueError(f"module {name!r} already holds an adapter named {adapter_name!r}; adding it again "
+                             "would re-initialise its trained weights")
     for name in names:
         module = model.get_submodule(name)
         if isinstance(config, LoraConfig):
@@ -149,6 +154,9 @@ def wrap_modules_to_save(model: nn.Module, modules: Iterable[str] | None, adapte
             continue
         if any(name == m or name.endswith("." + m) for m in modules):
             if isinstance(module, ModulesToSaveWrapper):
+                if adapter_name in module.modules_to_save:
+                    raise ValueError(f"module {name!r} already holds a modules_to_save copy for adapter "
+                                     f"{adapter_name!r}; adding it again would overwrite its trained weights")
                 module.update(adapter_name)
             elif ".modules_to_save." in name or name.endswith(".original_module"):
                 continue

@@ -5,13 +5,22 @@
     torchrun --nproc-per-node 8 -m fastpeft train --model bench --data d.jsonl --out run2   # DDP
     fastpeft train ... --out run1 --resume          # continue from the newest checkpoint in run1
     fastpeft generate --adapter run1 --prompt "3 + 4 ="
+
+Exit codes of `fastpeft train`: 0 done; 1 a failure while running (full disk, unwritable folder, the
+folder in use by another run, a non-finite loss); 2 a usage error (bad flag value, bad data, a folder
+that already holds a run); 128 + N stopped by signal N after writing a checkpoint (130 SIGINT,
+138 SIGUSR1, 143 SIGTERM; the resume command is printed).  Errors are one line; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
+import shutil
 import sys
 import warnings
 
@@ -30,23 +39,52 @@ PRESET_LR = 1e-2
 DEFAULT_DATA_STEPS = 200
 
 
-def _positive_int(text: str) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `PROG: error: argument --flag: what is wrong` (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def _positive_int(text: str) -> int:
+    return _int(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0, "an integer >= 0")
+
+
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -57,8 +95,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
+    return value
+
+
+def _seq_len(text: str) -> int:
+    return _int(text, 3, "an integer >= 3 (BOS, one token, EOS)")
+
+
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpeft train", description="Fine-tune a causal LM with a PEFT method. "
+    p = _Parser(prog="fastpeft train", description="Fine-tune a causal LM with a PEFT method. "
                                 "Data: JSONL with a 'text' field, or 'prompt'/'completion' fields (loss on the "
                                 "completion only). Under torchrun it trains with DDP; rank 0 writes.")
     p.add_argument("--method", choices=METHODS, default="lora")
@@ -73,15 +122,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"peak learning rate (default: {PRESET_LR} for presets, else " +
                    ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items()) + ")")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+                   help="linear warm-up steps (default: 5%% of the steps)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="max tokens per example (longer: truncated)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--seq-len", type=_seq_len, default=512, help="max tokens per example (longer: truncated)")
+    p.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha")
+    p.add_argument("--dropout", type=_probability, default=0.0, help="LoRA dropout")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module names, or all-linear (default: PEFT's defaults for the model; "
                    "all-linear for LoRA on a preset)")
@@ -95,11 +145,17 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
     p.add_argument("--keep", type=_positive_int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --out, or from the checkpoint folder given")
+                   help="continue from the newest intact checkpoint in --out, or from the checkpoint folder given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its adapter and checkpoints are deleted)")
     p.add_argument("--log-every", type=_positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="data order, adapter init, and preset weights")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="data order, adapter init, and preset weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.epilog = ("SIGTERM, SIGINT or SIGUSR1 stop after the current step with a checkpoint (exit code 128 + "
+                "signal number); a second signal stops at once. One run per --out at a time (lock file "
+                ".fastpeft.lock).")
     return p
 
 
@@ -135,17 +191,96 @@ def make_config(args: argparse.Namespace) -> PeftConfig:
     return PromptEncoderConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
-def _fail(prog: str, message: str) -> int:
+def _fail(prog: str, message: str, code: int = 2) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+    return code
+
+
+# files that mark a folder as holding a run (train_info.json alone is written before the first step)
+RUN_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "trainer_state.json")
+
+
+def _existing_run(out: str) -> str | None:
+    """What in `out` shows a run was there (a checkpoint or a final adapter file), or None."""
+    from .trainer import find_checkpoint
+
+    ckpt = find_checkpoint(out)
+    if ckpt:
+        return f"checkpoints ({os.path.basename(ckpt)})"
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            return f"a finished run ({name})"
+    return None
+
+
+def _clear_run(out: str) -> None:
+    """--overwrite: delete the previous run's adapter, summaries and checkpoints (nothing else)."""
+    from .checkpoints import CHECKPOINT_PREFIX
+
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name.startswith(CHECKPOINT_PREFIX) and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif name in RUN_FILES + (INFO_NAME,) and os.path.isfile(path):
+            os.remove(path)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The `fastpeft train` command line that continues the run started with `argv`."""
+    kept, skip = [], False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if tok == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if tok.startswith("--resume=") or tok == "--overwrite":
+            continue
+        kept.append(tok)
+    return shlex.join(["fastpeft", "train", *kept, "--resume"])
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from .trainer import TrainArgs, Trainer, find_checkpoint
+    from .checkpoints import CheckpointWriteError
+    from .preemption import TrainingPreempted, signal_name
+    from .runlock import RunLockedError
+    from .trainer import NonFiniteLossError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = train_parser().parse_args(argv)
     prog = "fastpeft train"
+    try:
+        return _train_main(args, prog)
+    except TrainingPreempted as err:
+        if err.checkpoint:
+            print(f"{prog}: {err}; resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        else:
+            print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        if args.debug:
+            raise
+        print(f"{prog}: interrupted by {signal_name(2)}", file=sys.stderr, flush=True)
+        return 130
+    except (CheckpointWriteError, RunLockedError, NonFiniteLossError, OSError) as err:
+        if args.debug:
+            raise
+        if isinstance(err, OSError) and err.strerror:
+            text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+        else:
+            text = str(err)
+        return _fail(prog, " ".join(text.split()), 1)
+
+
+def _train_main(args: argparse.Namespace, prog: str) -> int:
+    from .checkpoints import check_writable
+    from .runlock import acquire_run_lock, release_run_lock
+    from .trainer import TrainArgs, Trainer, _write_json, find_checkpoint
+
     data = args.data or DEFAULT_DATA
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return _fail(prog, f"--out {args.out} is a file, not a folder")
     if not os.path.isfile(data):
         return _fail(prog, f"--data {data} does not exist")
     if args.eval_data and not os.path.isfile(args.eval_data):
@@ -156,58 +291,78 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail(prog, "--gradient-checkpointing does not work with --method prefix")
     if args.method not in ("lora", "ia3") and args.target_modules:
         return _fail(prog, f"--target-modules applies to lora and ia3, not {args.method}")
+    if args.resume and args.overwrite:
+        return _fail(prog, "pass --resume or --overwrite, not both")
     if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
         return _fail(prog, f"--resume {args.resume}: no such checkpoint folder")
-    if not args.resume and find_checkpoint(args.out):
-        return _fail(prog, f"{args.out} already holds checkpoints; pass --resume to continue that run or choose "
-                     "another --out")
-    dtype = _dtype(args.dtype, args.device)
-    if dtype != "fp32" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
-        warnings.warn(f"--dtype {dtype} on the CPU is slow; fp32 is the usual choice there", stacklevel=1)
-    lr = args.lr or (PRESET_LR if args.model in PRESETS else DEFAULT_LR[args.method])
-    if args.data is None and args.steps is None and args.epochs is None:
-        args.steps = DEFAULT_DATA_STEPS
-    if args.target_modules is None and args.model in PRESETS and args.method == "lora":
-        args.target_modules = "all-linear"
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes, so only it checks
+    lock = None
     try:
-        config = make_config(args)
-        model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype])
-        targs = TrainArgs(
-            output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,
-            grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
-            mixed_precision="no" if dtype == "fp32" else dtype, gradient_checkpointing=args.gradient_checkpointing,
-            eval_every=args.eval_every, eval_fraction=args.eval_fraction, save_every=args.save_every,
-            keep_checkpoints=args.keep, resume=args.resume, log_every=args.log_every, seed=args.seed,
-            device=args.device, progress=not args.quiet)
-        trainer = Trainer(model, targs, data, eval_dataset=args.eval_data, peft_config=config, tokenizer=tokenizer)
-    except (DataError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
-        return _fail(prog, str(err))
-    if trainer.rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
-                "seq_len": args.seq_len, "fastpeft_version": __version__}
-        with open(os.path.join(args.out, INFO_NAME), "w", encoding="utf-8") as fh:
-            json.dump(info, fh, indent=2)
-    try:
-        trainer.train()
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(prog, str(err))
-    return 0
+        if rank0:
+            check_writable(args.out)
+            lock = acquire_run_lock(args.out, lambda m: print(f"{prog}: warning: {m}", file=sys.stderr, flush=True))
+            existing = _existing_run(args.out)
+            if existing and not args.resume and not args.overwrite:
+                return _fail(prog, f"{args.out} already holds {existing}; pass --resume to continue that run, "
+                             "--overwrite to replace it, or choose another --out")
+            if args.resume == "latest" and existing and not find_checkpoint(args.out):
+                return _fail(prog, f"--resume: {args.out} holds {existing} but no checkpoint to continue from; "
+                             "pass --overwrite to train again")
+            if args.overwrite:
+                _clear_run(args.out)
+        dtype = _dtype(args.dtype, args.device)
+        if dtype != "fp32" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+            warnings.warn(f"--dtype {dtype} on the CPU is slow; fp32 is the usual choice there", stacklevel=1)
+        lr = args.lr or (PRESET_LR if args.model in PRESETS else DEFAULT_LR[args.method])
+        if args.data is None and args.steps is None and args.epochs is None:
+            args.steps = DEFAULT_DATA_STEPS
+        if args.target_modules is None and args.model in PRESETS and args.method == "lora":
+            args.target_modules = "all-linear"
+        try:
+            config = make_config(args)
+            model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype])
+            targs = TrainArgs(
+                output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,
+                grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr,
+                weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                max_grad_norm=args.max_grad_norm or None, mixed_precision="no" if dtype == "fp32" else dtype,
+                gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                eval_fraction=args.eval_fraction, save_every=args.save_every, keep_checkpoints=args.keep,
+                resume=args.resume, log_every=args.log_every, seed=args.seed, device=args.device,
+                progress=not args.quiet)
+            trainer = Trainer(model, targs, data, eval_dataset=args.eval_data, peft_config=config,
+                              tokenizer=tokenizer)
+        except (DataError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+            if args.debug:
+                raise
+            return _fail(prog, str(err))
+        if trainer.rank == 0:
+            info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
+                    "seq_len": args.seq_len, "fastpeft_version": __version__}
+            _write_json(os.path.join(args.out, INFO_NAME), info)
+        try:
+            trainer.train()
+        except (ValueError, FileNotFoundError) as err:  # CheckpointError (a bad --resume) is a ValueError
+            if args.debug:
+                raise
+            return _fail(prog, str(err))
+        return 0
+    finally:
+        release_run_lock(lock)
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpeft generate", description="Generate text with a base model and a "
+    p = _Parser(prog="fastpeft generate", description="Generate text with a base model and a "
                                 "saved adapter (a `fastpeft train` output folder, a checkpoint, or any PEFT adapter).")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--model", default=None, help=f"base model: local folder or preset ({', '.join(PRESETS)}); "
                    f"default: the one recorded in ADAPTER/{INFO_NAME}")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None, help="preset weights seed (default: the recorded one, else 0); "
-                   "also the sampling seed")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="preset weights seed (default: the recorded one, else 0); also the sampling seed")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: the recorded one")
     p.add_argument("--device", default=None)
     p.add_argument("--no-adapter", action="store_true", help="generate with the base model only (for comparison)")
@@ -244,7 +399,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         model = model.to(device)
         if not args.no_adapter:
             model = PeftModel.from_pretrained(model, args.adapter).to(device)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+    except (ValueError, OSError, NotImplementedError, ImportError) as err:
         return _fail(prog, str(err))
     model.eval()
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -42,11 +42,22 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        fh = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"data file {path} cannot be read: {err.strerror}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                f"re-encode the file as UTF-8") from None
+            if lineno == 1 and line.startswith("\ufeff"):  # a UTF-8 byte-order mark
+                line = line[1:]
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

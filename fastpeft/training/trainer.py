@@ -10,8 +10,17 @@ so gradient accumulation and data parallelism give the same update as one big ba
 linear warm-up then cosine decay; gradients clipped by global norm; bf16/fp16 autocast (fp16 with a
 GradScaler); trainable parameters kept in fp32.  Checkpoints hold the adapter in PEFT format
 (`save_pretrained`) plus `trainer_state.pt` (trainable tensors, optimizer, scheduler, scaler, step,
-RNG states of every rank), so a resumed run continues the schedule, data order and dropout stream
-exactly (given the same options; a longer --steps on resume stretches the cosine from there on).
+RNG states of every rank, all plain data read back with `weights_only=True`), so a resumed run
+continues the schedule, data order and dropout stream exactly (given the same options; a longer
+--steps on resume stretches the cosine from there on).
+
+Faults (see `checkpoints`, `preemption`, `runlock`): a checkpoint is written as a set (temp folder,
+fsync, rename) and a failed write (full disk, no permission) raises `CheckpointWriteError` with the
+partial folder removed; resume='latest' skips a truncated or corrupt newest checkpoint with a warning;
+a non-finite loss, gradient norm or adapter weight stops training with `NonFiniteLossError` before
+anything non-finite is saved; SIGTERM/SIGINT/SIGUSR1 stop after the current step with a checkpoint
+(`TrainingPreempted`; under torchrun all ranks stop at the same step); one run per output folder
+(`RunLockedError`).
 
 Past one GPU: under `torchrun` (WORLD_SIZE > 1) the process group is initialised (nccl on CUDA, gloo
 on CPU), the PeftModel is wrapped in DistributedDataParallel, which all-reduces only the adapter
@@ -27,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import random
 import shutil
@@ -40,12 +50,16 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..peft_model import PeftModel, get_peft_model
+from .checkpoints import (CHECKPOINT_PREFIX, STATE_JSON, STATE_NAME, CheckpointError,  # noqa: F401 (STATE_NAME)
+                          CheckpointWriteError, check_writable, fmt_bytes, free_bytes, list_checkpoints, pack_rng,
+                          read_state, serialize, unpack_rng, write_checkpoint, write_error)
 from .data import Example, collate, epoch_order, load_examples, split_eval
+from .preemption import PreemptionGuard, TrainingPreempted
+from .runlock import acquire_run_lock, release_run_lock
 from .tokenizer import ByteTokenizer
 
-STATE_NAME = "trainer_state.pt"
-STATE_JSON = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["TrainArgs", "TrainResult", "Trainer", "train", "find_checkpoint", "lr_lambda", "NonFiniteLossError",
+           "TrainingPreempted", "CheckpointError", "CheckpointWriteError"]
 _AUTOCAST = {"no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -81,18 +95,40 @@ class TrainArgs:
     def __post_init__(self):
         if self.mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_seq_len"):
+            _check_int(self, name, 1, optional=False)
         for name in ("max_steps", "eval_every", "save_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+            _check_int(self, name, 1, optional=True)
+        _check_int(self, "warmup_steps", 0, optional=True)
+        _check_int(self, "seed", 0, optional=False)
+        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and (not _finite(self.max_grad_norm) or self.max_grad_norm < 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got "
+                             f"{self.max_grad_norm}")
+        if not _finite(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not _finite(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eval_fraction is not None and (not _finite(self.eval_fraction) or not 0.0 < self.eval_fraction < 1.0):
+            raise ValueError(f"eval_fraction must be in (0, 1) or None, got {self.eval_fraction}")
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(args: "TrainArgs", name: str, low: int, optional: bool) -> None:
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be >= {low}{' or None' if optional else ''} (an integer), got {value!r}")
 
 
 @dataclass
@@ -144,46 +180,20 @@ def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
 # ---------------------------------------------------------------------------- checkpoints
 def find_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder under `output_dir`, or None."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    best, best_step = None, -1
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(path, STATE_NAME)):
-            try:
-                step = int(name[len(CHECKPOINT_PREFIX):])
-            except ValueError:
-                continue
-            if step > best_step:
-                best, best_step = path, step
-    return best
+    """The newest checkpoint folder under `output_dir` (holding a trainer state), or None."""
+    found = list_checkpoints(output_dir)
+    return found[0] if found else None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss, the gradients or the adapter weights turned NaN/inf; nothing
+    non-finite was saved and `checkpoint` (the newest checkpoint, if any) is the last good state."""
+
+    def __init__(self, message: str, step: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -198,14 +208,6 @@ def _peak_memory(device: torch.device) -> int:
     except ImportError:  # not on Windows
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def _fmt_time(s: float) -> str:
@@ -233,6 +235,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.history: list[dict[str, float]] = []
         self.global_step = 0
+        self._saved_step = -1  # the step of the newest checkpoint this trainer wrote or loaded
         self.stop = False  # a callback may set this to end training after the current step
 
         # the same seed on every rank: identical adapter initialisation
@@ -310,6 +313,11 @@ class Trainer:
         if self.rank == 0 and self.args.progress:
             print(msg, file=sys.stderr, flush=True)
 
+    def _warn(self, msg: str) -> None:
+        """Printed on rank 0 even when progress is off."""
+        if self.rank == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
     def _step_indices(self, step: int) -> list[int]:
         epoch, pos = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.train_examples), self.args.seed, epoch)
@@ -326,10 +334,60 @@ class Trainer:
         return out.loss.float() * n
 
     # ------------------------------------------------------------------ state
+    def _check_finite_weights(self, what: str, step: int) -> None:
+        params = _trainable(self.model)
+        bad = next((n for n, p in params.items() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            self._non_finite(f"the adapter weight {bad} is not finite", step, f"the {what} was not written")
+
+    def _non_finite(self, what: str, step: int, saved: str = "the step was not applied") -> None:
+        last = self._last_good_checkpoint()
+        keep = (f"the last good checkpoint is {last} (continue from it with --resume / resume='latest', perhaps "
+                f"with a lower learning rate)" if last else "no checkpoint was written before it (save_every "
+                "keeps some)")
+        raise NonFiniteLossError(f"training stopped at step {step}: {what}; {saved}, nothing non-finite was "
+                                 f"saved; {keep}", step, last)
+
+    def _maybe_preempted(self, guard: PreemptionGuard) -> None:
+        """After a complete step: if a stop signal came (on any rank), checkpoint and raise TrainingPreempted."""
+        signum = guard.signum or 0
+        d = _dist()
+        if d:  # every rank stops at the same step
+            flag = torch.tensor([signum], device=self.device if self.device.type == "cuda" else "cpu")
+            d.all_reduce(flag, op=d.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        checkpoint = None
+        if self.args.output_dir:
+            if self._saved_step == self.global_step:
+                checkpoint = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step:06d}")
+            else:
+                checkpoint = self.save_checkpoint()
+        raise TrainingPreempted(signum, self.global_step, self.total_steps, checkpoint)
+
+    def _last_good_checkpoint(self) -> str | None:
+        return find_checkpoint(self.args.output_dir) if self.args.output_dir else None
+
+    def _checkpoint_bytes(self) -> int:
+        """Planned size of one checkpoint: adapter file + trainable copy + two Adam moments (fp32) + slack."""
+        return 4 * sum(p.numel() * 4 for p in _trainable(self.model).values()) + 64 * 1024
+
+    def _agree(self, ok: bool) -> bool:
+        """All ranks learn whether rank 0's write succeeded (so none waits at a barrier for a dead writer)."""
+        d = _dist()
+        if not d:
+            return ok
+        flag = torch.tensor([1 if ok else 0], device=self.device if self.device.type == "cuda" else "cpu")
+        d.all_reduce(flag, op=d.ReduceOp.MIN)
+        return bool(flag.item())
+
     def save_checkpoint(self, path: str | None = None) -> str | None:
-        """Write the adapter (PEFT format) and trainer state to `path` (default output_dir/checkpoint-STEP)."""
+        """Write the adapter (PEFT format) and trainer state to `path` (default output_dir/checkpoint-STEP)
+        as a set (see `fastpeft.training.checkpoints`); `CheckpointWriteError` when the disk is full or the
+        folder not writable (the partial folder is removed, earlier checkpoints stay intact)."""
         args = self.args
-        rng = [_rng_state(self.device)]
+        rng = [pack_rng(self.device)]
         d = _dist()
         if d:
             gathered: list[Any] = [None] * self.world_size
@@ -339,11 +397,11 @@ class Trainer:
             if not args.output_dir:
                 return None
             path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step:06d}")
+        self._check_finite_weights(f"checkpoint {path}", self.global_step)
+        failure: BaseException | None = None
         if self.rank == 0:
-            tmp = path.rstrip("/") + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
             state = {
+                "format": 2,  # plain data only: tensors, numbers, strings, lists, dicts (weights_only=True)
                 "step": self.global_step,
                 "trainable": {n: p.detach().cpu().clone() for n, p in _trainable(self.model).items()},
                 "optimizer": self.optimizer.state_dict(),
@@ -351,65 +409,101 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": rng,
                 "world_size": self.world_size,
-                "args": asdict(args),
+                "args": json.loads(json.dumps(asdict(args))),
             }
-            torch.save(state, os.path.join(tmp, STATE_NAME))
+            data = serialize(state)
             info = {"step": self.global_step, "total_steps": self.total_steps,
                     "epoch": self.global_step / self.steps_per_epoch,
                     "examples_seen": self.global_step * self.global_batch, "global_batch": self.global_batch,
                     "world_size": self.world_size, "history": self.history[-50:]}
-            with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as fh:
-                json.dump(info, fh, indent=2)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-            self._prune_checkpoints()
-        if d:
-            d.barrier()
+            needed = len(data) + self._checkpoint_bytes() // 4 + 16 * 1024
+            try:
+                write_checkpoint(path, self.model.save_pretrained, data, info, needed)
+                self._prune_checkpoints()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+                failure = err
+        if not self._agree(failure is None):
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank 0 could not write checkpoint {path}; stopping")
+        self._saved_step = self.global_step
         return path
 
     def _prune_checkpoints(self) -> None:
         keep = self.args.keep_checkpoints
         if not keep or not self.args.output_dir:
             return
-        names = sorted(n for n in os.listdir(self.args.output_dir)
-                       if n.startswith(CHECKPOINT_PREFIX) and not n.endswith(".tmp"))
-        for name in names[:-keep]:
-            shutil.rmtree(os.path.join(self.args.output_dir, name), ignore_errors=True)
+        for path in list_checkpoints(self.args.output_dir)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore adapter, optimizer, scheduler, scaler, step and this rank's RNG from `path`."""
-        file = os.path.join(path, STATE_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{path} is not a fastpeft checkpoint (no {STATE_NAME})")
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        """Restore adapter, optimizer, scheduler, scaler, step and this rank's RNG from `path`.
+        `CheckpointError` if the checkpoint is unreadable or holds anything but plain data (nothing is
+        unpickled beyond tensors and numbers); `ValueError` if it was written for another adapter."""
+        self._apply_state(read_state(path), path)
+
+    def _apply_state(self, state: dict[str, Any], path: str) -> None:
         params = _trainable(self.model)
         saved = state["trainable"]
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]} (another method, rank or target modules?)")
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, the model "
+                                 f"expects {tuple(p.shape)}")
+        try:  # both validate before they change anything
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"checkpoint {path}: the optimizer state does not fit this model ({err})") from None
         with torch.no_grad():
             for name, p in params.items():
-                if p.shape != saved[name].shape:
-                    raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, the model "
-                                     f"expects {tuple(p.shape)}")
                 p.copy_(saved[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["step"])
-        old = state.get("args", {})
+        self._saved_step = self.global_step
+        old = state.get("args") or {}
         for key in ("batch_size", "grad_accum", "seed", "max_seq_len"):
             if key in old and old[key] != getattr(self.args, key):
                 self._log(f"warning: resuming with {key}={getattr(self.args, key)} but the checkpoint used "
                           f"{old[key]}; the data order will differ from an uninterrupted run")
-        if state.get("world_size", 1) == self.world_size:
-            _set_rng_state(state["rng"][self.rank], self.device)
+        rng = state["rng"]
+        if state.get("world_size", 1) == self.world_size and len(rng) > self.rank:
+            unpack_rng(rng[self.rank], self.device)
         else:
             self._log(f"warning: checkpoint was written by {state.get('world_size')} process(es), now "
                       f"{self.world_size}; RNG streams are re-seeded")
         self._log(f"resumed from {path} at step {self.global_step}/{self.total_steps}")
+
+    def _resume(self) -> None:
+        """`resume='latest'`: the newest intact checkpoint; a truncated or corrupt newer one is moved aside
+        (to NAME.corrupt) with a warning and the previous one is used."""
+        args = self.args
+        if args.resume != "latest":
+            self.load_checkpoint(args.resume)
+            return
+        candidates = list_checkpoints(args.output_dir)
+        if not candidates:
+            self._log(f"no checkpoint in {args.output_dir}; starting from step 0")
+            return
+        for i, path in enumerate(candidates):
+            try:
+                state = read_state(path)
+            except CheckpointError as err:
+                nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                self._warn(f"{err}; " + (f"falling back to {nxt}" if nxt else "no older checkpoint is left"))
+                if self.rank == 0:
+                    with contextlib.suppress(OSError):
+                        shutil.rmtree(path + ".corrupt", ignore_errors=True)
+                        os.replace(path, path + ".corrupt")
+                continue
+            self._apply_state(state, path)
+            return
+        raise CheckpointError(f"no intact checkpoint in {args.output_dir} to resume from (see the warnings "
+                              f"above); start a new run with another --out, or --overwrite")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -435,13 +529,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainResult:
+        """Run to `total_steps`.  With an output_dir, rank 0 first checks the folder is writable and takes
+        its run lock (`RunLockedError` if another live run holds it).  SIGTERM / SIGINT / SIGUSR1 end the
+        run after the current step with a checkpoint and `TrainingPreempted` (see `.preemption`); a
+        non-finite loss, gradient norm or adapter weight raises `NonFiniteLossError` without saving it; a
+        write that fails for space or permission raises `CheckpointWriteError`."""
+        args = self.args
+        lock = None
+        if args.output_dir and self.rank == 0:
+            check_writable(args.output_dir)
+            lock = acquire_run_lock(args.output_dir, self._warn)
+        try:
+            with PreemptionGuard(announce=self.rank == 0) as guard:
+                return self._train(guard)
+        finally:
+            release_run_lock(lock)
+
+    def _train(self, guard: PreemptionGuard) -> TrainResult:
         args = self.args
         if args.resume:
-            path = find_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-            if path is None:
-                self._log(f"no checkpoint in {args.output_dir}; starting from step 0")
-            else:
-                self.load_checkpoint(path)
+            self._resume()
+        if args.output_dir and self.rank == 0:
+            need, free = 2 * self._checkpoint_bytes(), free_bytes(args.output_dir)
+            if free is not None and free < need:
+                self._warn(f"{args.output_dir} has {fmt_bytes(free)} free, less than two checkpoints need "
+                           f"({fmt_bytes(need)}); writing one may fail")
         d = _dist()
         model: nn.Module = self.model
         if d:
@@ -490,10 +602,19 @@ class Trainer:
                         # DDP averages gradients over processes; undo that so they sum like one big batch
                         scaled = loss * self.world_size
                         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                if d:  # each process holds its share of the global mean
+                    d.all_reduce(step_loss)
+                loss_value = float(step_loss)
+                if not math.isfinite(loss_value):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._non_finite(f"the loss is {loss_value}", self.global_step + 1)
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(list(_trainable(self.model).values()), args.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(list(_trainable(self.model).values()), args.max_grad_norm)
+                    if self.scaler is None and not math.isfinite(float(norm)):  # the scaler skips such steps
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._non_finite(f"the gradient norm is {float(norm)}", self.global_step + 1)
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler:
                     self.scaler.step(self.optimizer)
@@ -506,9 +627,7 @@ class Trainer:
                 total_tokens += step_tokens
                 window_tokens += step_tokens
                 window_steps += 1
-                if d:  # each process holds its share of the global mean
-                    d.all_reduce(step_loss)
-                window_loss += float(step_loss)
+                window_loss += loss_value
 
                 logs: dict[str, float] = {"step": self.global_step, "lr": lr}
                 done = self.global_step >= self.total_steps
@@ -541,6 +660,8 @@ class Trainer:
                     self.save_checkpoint()
                 for cb in self.callbacks:
                     cb(self, logs)
+                if not done:
+                    self._maybe_preempted(guard)
         finally:
             if args.gradient_checkpointing:
                 _checkpointing(base, False)
@@ -550,13 +671,21 @@ class Trainer:
         if args.output_dir:
             if args.save_every and self.global_step % args.save_every != 0:
                 self.save_checkpoint()
+            self._check_finite_weights("final adapter", self.global_step)
+            failure: BaseException | None = None
             if self.rank == 0:
-                self.model.save_pretrained(args.output_dir)
-                with open(os.path.join(args.output_dir, STATE_JSON), "w", encoding="utf-8") as fh:
-                    json.dump({"step": self.global_step, "total_steps": self.total_steps, "train_loss": train_loss,
-                               "eval_loss": eval_loss, "history": self.history}, fh, indent=2)
-            if d:
-                d.barrier()
+                summary = {"step": self.global_step, "total_steps": self.total_steps, "train_loss": train_loss,
+                           "eval_loss": eval_loss, "history": self.history}
+                try:
+                    self.model.save_pretrained(args.output_dir)
+                    _write_json(os.path.join(args.output_dir, STATE_JSON), summary)
+                except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+                    failure = write_error(err, "the adapter into", args.output_dir, self._checkpoint_bytes() // 4) \
+                        or err
+            if not self._agree(failure is None):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank 0 could not write the adapter into {args.output_dir}; stopping")
         peak = _peak_memory(self.device)
         result = TrainResult(self.global_step, train_loss, eval_loss, seconds, total_tokens, self.trainable_params,
                              peak, list(self.history))
@@ -565,9 +694,23 @@ class Trainer:
                   f"{self.trainable_params:,d} | {total_tokens:,d} tokens | "
                   + (f"final loss {train_loss:.4f} | " if train_loss is not None else "")
                   + (f"eval loss {eval_loss:.4f} | " if eval_loss is not None else "")
-                  + f"{what} {_fmt_bytes(peak)}"
+                  + f"{what} {fmt_bytes(peak)}"
                   + (f" | adapter saved to {args.output_dir}" if args.output_dir else ""))
         return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:

@@ -214,3 +214,28 @@ def test_gpu_decode(T):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_other_dtypes(dtype):
     _gpu_case(2, 8, 8, 300, 300, 17, 128, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_input_propagates_as_in_sdpa(backend):
+    if backend == "triton" and triton_device() is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    device = "cpu" if backend == "torch" else triton_device()
+    q, k, v, pk, pv, _, _ = make_inputs(1, 2, 2, 5, 5, 3, 16, torch.float32, device)
+    q[0, 1, 2, 0] = float("nan")  # one query row of head 1
+    with fastpeft.use_backend(backend):
+        out = prefix_attention(q, k, v, pk, pv)
+    # SDPA on the concatenated keys: NaN exactly in that row, finite elsewhere
+    assert torch.isnan(out[0, 1, 2]).all(), "a NaN query row came out finite (NaNs turned into zeros)"
+    rest = torch.ones_like(out, dtype=torch.bool)
+    rest[0, 1, 2] = False
+    assert torch.isfinite(out[rest]).all()
+
+
+def test_additive_float_mask_is_refused_not_inverted():
+    q, k, v, pk, pv, _, _ = make_inputs(2, 2, 2, 4, 4, 3, 16, torch.float32, "cpu")
+    additive = torch.zeros(2, 4)
+    additive[0, 0] = float("-inf")  # "mask key 0 of row 0" in the additive convention; .bool() would read it as keep
+    with pytest.raises(ValueError, match="boolean or integer padding mask"):
+        prefix_attention(q, k, v, pk, pv, attention_mask=additive)
+    prefix_attention(q, k, v, pk, pv, attention_mask=additive == 0)  # the boolean form is accepted

@@ -182,3 +182,25 @@ def test_bf16_model_with_fp32_encoder_matches_peft(projection):
     out = ours(input_ids=ids, attention_mask=mask).logits
     assert out.dtype == torch.bfloat16
     assert_close(out, theirs(input_ids=ids, attention_mask=mask).logits, scale=2)
+
+
+def _tiny_t5():
+    import transformers
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("config", [prefix_config(False), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                      num_virtual_tokens=3)])
+def test_prompt_learning_on_an_encoder_decoder_is_refused_not_silently_wrong(config):
+    # PEFT builds 2 submodules' worth of prompt for a seq2seq model; fastpeft would apply the prefix nowhere
+    with pytest.raises(NotImplementedError, match="num_transformer_submodules"):
+        fastpeft.get_peft_model(_tiny_t5(), config)
+
+
+def test_prefix_on_a_model_whose_attention_bypasses_the_registry_is_refused():
+    base = tiny_llama()
+    base._supports_attention_backend = False  # as models with hand-written attention declare
+    with pytest.raises(NotImplementedError, match="AttentionInterface"):
+        fastpeft.get_peft_model(base, prefix_config(False))
+    assert base.config._attn_implementation != attn.NAME

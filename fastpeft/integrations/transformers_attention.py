@@ -150,6 +150,13 @@ def install(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"prefix tuning needs a transformers model, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        # one prefix per layer index would be read by encoder, decoder and cross attention alike
+        raise NotImplementedError(f"prefix tuning on encoder-decoder models ({type(model).__name__}) is not supported "
+                                  "by fastpeft")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise NotImplementedError(f"{type(model).__name__} does not route its attention through transformers' "
+                                  "AttentionInterface, so fastpeft cannot apply a prefix to it")
     previous = getattr(config, "_attn_implementation", None)
     if previous == NAME:
         return

@@ -57,7 +57,8 @@ def reference_forward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
     scores = (q.float() @ kk.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~_visible(q, k, attention_mask, causal, P), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    # zero only rows with nothing to attend (lse = -inf); NaN from NaN inputs propagates, as in SDPA
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
     return (probs @ vv).to(q.dtype), lse
 
 
@@ -68,7 +69,8 @@ def reference_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix
     kk, vv = _keys(q, k, v, prefix_k, prefix_v, prefix_index)
     scores = (q.float() @ kk.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~_visible(q, k, attention_mask, causal, P), float("-inf"))
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    # zero only rows with nothing to attend (lse = -inf); NaN from NaN inputs propagates, as in SDPA
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
     do = dout.float()
     dv_all = probs.transpose(-1, -2) @ do  # (B, Hq, P+S, D)
     dp = do @ vv.transpose(-1, -2)
@@ -171,6 +173,9 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     if attention_mask is not None:
         check(tuple(attention_mask.shape) == (B, k.shape[2]),
               f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, kv_len) = ({B}, {k.shape[2]})")
+        check(not attention_mask.is_floating_point(),
+              f"attention_mask must be a boolean or integer padding mask (1 = attend), got {attention_mask.dtype}; "
+              "an additive float mask would be read inverted")
         attention_mask = attention_mask.bool()
     check(T <= k.shape[2] or not causal, f"causal attention needs kv_len ({k.shape[2]}) >= query length ({T})")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

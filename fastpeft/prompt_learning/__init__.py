@@ -49,8 +49,9 @@ def prepare_config(config: PeftConfig, model_config: Any) -> None:
         raise ValueError(f"cannot read {what} from the base model's config ({type(text).__name__}); "
                          f"set it in {type(config).__name__}")
 
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 1
+    if config.num_transformer_submodules is None:  # PEFT's rule: 2 (encoder and decoder) on seq2seq models
+        seq2seq = getattr(text, "is_encoder_decoder", False) or getattr(model_config, "is_encoder_decoder", False)
+        config.num_transformer_submodules = 2 if seq2seq else 1
     if config.num_transformer_submodules != 1:
         raise NotImplementedError("fastpeft supports decoder-only and encoder-only models "
                                   "(num_transformer_submodules=1)")

@@ -16,8 +16,11 @@ final names, which hold a mixed set only between the renames of step 3 of a kill
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -126,6 +129,24 @@ def _finish_pending(directory: str) -> None:
         _fsync_dir(directory)
 
 
+def _write_error(path: str, err: Exception) -> Exception:
+    """One OSError naming the file and the free space for a failed write (safetensors reports a full
+    disk as `SafetensorError: ... os error 28`); other errors pass through unchanged."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code is None and "os error 28" in text:
+        code = errno.ENOSPC
+    if code is None and not isinstance(err, OSError):
+        return err
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    reason = os.strerror(code) if code is not None else text
+    return OSError(code, f"cannot write adapter file {path}: {reason} ({free}); the previous adapter files are "
+                         "untouched")
+
+
 def write_file_set(directory: str | os.PathLike, writers: dict[str, Writer]) -> None:
     """Replace the files named by `writers` in `directory` as one set (see the module docstring):
     after a kill at any point the folder reads as the old set or the new one, never a mix."""
@@ -135,8 +156,16 @@ def write_file_set(directory: str | os.PathLike, writers: dict[str, Writer]) -> 
             raise ValueError(f"{name!r} is not a plain file name")
     os.makedirs(directory, exist_ok=True)
     _finish_pending(directory)
-    for name, write in writers.items():  # 1. stage
-        write(_staged(directory, name))
+    staged: list[str] = []
+    try:
+        for name, write in writers.items():  # 1. stage
+            staged.append(_staged(directory, name))
+            write(staged[-1])
+    except Exception as err:  # a full disk or a permission error: no partial file stays behind
+        for path in staged:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise _write_error(os.path.join(directory, name), err) from err
     _fsync_dir(directory)
     marker = os.path.join(directory, PENDING_NAME)  # 2. commit: the marker appears whole or not at all
     text_writer(json.dumps({"files": list(writers)}))(marker + ".tmp")

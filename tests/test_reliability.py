@@ -549,3 +549,31 @@ def _unsafe_loads(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "fastpeft").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_load_in_the_package_can_run_code_from_a_file(path):
     assert not _unsafe_loads(path)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "safetensors"])
+def test_save_pretrained_into_a_full_disk_names_the_path_and_keeps_the_old_adapter(tmp_path, monkeypatch, failure):
+    import errno as errno_mod
+
+    from fastpeft import io as fio
+    from tests.models import tiny_llama
+
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    def full(path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if failure == "enospc":
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: ... }) os error 28")
+
+    monkeypatch.setattr(fio, "tensors_writer", lambda tensors: full)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(OSError, match=r"cannot write adapter file .*adapter_model\.safetensors.*bytes free") as info:
+        model.save_pretrained(tmp_path)
+    assert info.value.errno == errno_mod.ENOSPC
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before, "a failed save left partial files or changed the old adapter"

@@ -9,6 +9,13 @@ returns None when the implementation applies or a short reason when it does not.
 * otherwise the highest-priority backend that applies wins; the torch reference always applies.
 
 `last_backend(op)` tells which backend ran an op last: tests use it to prove a kernel really ran.
+
+"torch" is the production path where no kernel applies (torch's fused primitives and RNG);
+"torch_philox" is the specification the kernels are tested against (the same math, dropout drawn
+from the kernels' counter-based Philox stream, bit for bit).  It is only ever used when forced.
+
+`select_cached(op, key, *args)` is what the eager hot path calls: the choice is remembered per
+(op, forced backend, `key`), where `key` must cover everything the ops' `supports` predicates read.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 BACKENDS = ("torch", "triton", "cuda")
+# backends that exist only to be forced (by tests, or to reproduce the kernels on a CPU)
+REFERENCE_BACKENDS = ("torch_philox",)
 
 
 @dataclass(frozen=True)
@@ -34,13 +43,15 @@ _REGISTRY: dict[str, dict[str, Impl]] = {}
 _LAST: dict[str, str] = {}
 _WARNED: set[tuple[str, str]] = set()
 _forced: str | None = None
+_CHOICE: dict[tuple, Impl] = {}
 
 
 def _check_name(name: str | None) -> str | None:
     if name in (None, "", "auto"):
         return None
-    if name not in BACKENDS:
-        raise ValueError(f"unknown fastpeft backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    if name not in BACKENDS and name not in REFERENCE_BACKENDS:
+        raise ValueError(f"unknown fastpeft backend {name!r}; expected one of {BACKENDS + REFERENCE_BACKENDS} "
+                         f"or 'auto'")
     return name
 
 
@@ -49,6 +60,7 @@ def register(op: str, backend: str, *, priority: int, supports: Callable[..., st
     """Register `fns` (e.g. forward=..., backward=...) as `backend`'s implementation of `op`."""
     _check_name(backend)
     _REGISTRY.setdefault(op, {})[backend] = Impl(backend, priority, supports or (lambda *a, **k: None), fns)
+    _CHOICE.clear()
 
 
 def set_backend(name: str | None) -> None:
@@ -110,6 +122,21 @@ def select(op: str, *args: Any) -> Impl:
         chosen = impls["torch"]
     _LAST[op] = chosen.backend
     return chosen
+
+
+def select_cached(op: str, key: tuple, *args: Any) -> Impl:
+    """`select(op, *args)`, remembered per (op, forced backend, key): the eager hot path's choice.
+
+    `key` must hold every property of the arguments that a `supports` predicate of `op` reads
+    (device type, dtypes, size limits); the forced backend and TRITON_INTERPRET are added here."""
+    forced = get_backend()
+    full = (op, forced, os.environ.get("TRITON_INTERPRET") if forced is not None else None, key)
+    impl = _CHOICE.get(full)
+    if impl is None:
+        impl = select(op, *args)
+        _CHOICE[full] = impl
+    _LAST[op] = impl.backend
+    return impl
 
 
 def last_backend(op: str) -> str | None:

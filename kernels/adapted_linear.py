@@ -100,17 +100,19 @@ def _mma(a, b, acc, FP32: tl.constexpr, PRECISION: tl.constexpr):
 #           first, so a single fp32 accumulator is live and Y is written once.
 # GRAD_MODE 1: grad[k] += Σ_m A[m, k]·aux[m, k] on the raw A tiles (program column 0 only);
 # GRAD_MODE 2: grad[n] += Σ_m C'[m, n]·aux[m, n] on the accumulator before out_scale.
-# Saves nothing: the callers keep X and S (LoRA) or Y (IA3) for the backward.
+# STORE_PRE: also write the accumulator before out_scale to pre (IA3 keeps Z = X·Wᵀ + b, M×N).
+# Saves nothing else: the callers keep X and S (LoRA) or Z (IA3) for the backward.
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LR", "IN_SCALE", "OUT_SCALE",
-                                            "GRAD_MODE"], reset_to_zero=["grad_ptr"])
+                                            "GRAD_MODE", "STORE_PRE"], reset_to_zero=["grad_ptr"])
 @triton.jit
 def adapted_linear_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, in_scale_ptr, out_scale_ptr, s_ptr, l_ptr, aux_ptr, grad_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, in_scale_ptr, out_scale_ptr, s_ptr, l_ptr, aux_ptr, grad_ptr, pre_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_sm, stride_sr, stride_lr, stride_ln, stride_xm, stride_xn,
+    stride_sm, stride_sr, stride_lr, stride_ln, stride_xm, stride_xn, stride_pm, stride_pn,
     lr_scale, seed, p_drop, drop_scale,
     HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     LR_DROPOUT: tl.constexpr, GRAD_MODE: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LR_FP32: tl.constexpr, LR_PRECISION: tl.constexpr,
@@ -185,6 +187,9 @@ def adapted_linear_kernel(
         aux = tl.load(aux_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         tl.atomic_add(grad_ptr + offs_n, tl.sum(acc * aux.to(tl.float32), axis=0), mask=mask_n)
+    if STORE_PRE:
+        tl.store(pre_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, acc.to(pre_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
     if OUT_SCALE:
         sc = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * sc.to(tl.float32)[None, :]
@@ -292,14 +297,27 @@ def lowrank_reduce_kernel(
 
 
 # ------------------------------------------------------------------------------ launch helpers
+# Host cost matters as much as the kernels at decode sizes: grid arithmetic is plain Python ints,
+# the small per-device objects are made once, and each launch goes through a plan cached per
+# (kernel, shapes, dtypes, flags): the first call autotunes through the Autotuner; later ones call
+# the chosen compiled kernel directly with its precomputed grid and meta-parameters (the
+# Autotuner rebuilds a ~40-entry key on every call).  No launch reads anything back to the host.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def rank_pad(r: int) -> int:
     """tl.dot needs every tile side ≥ 16 and a power of two: the rank is padded (and masked)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _pow2(r))
 
 
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: its power-of-two bucket, so each new M does not re-tune."""
-    return triton.next_power_of_2(max(m, 1))
+    return _pow2(max(m, 1))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -317,60 +335,97 @@ def lowrank_mode(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> dict:
     return {"LR_FP32": fp32, "LR_PRECISION": dot_precision(x_dtype) if fp32 else "tf32"}
 
 
+_TARGETS: dict[torch.device, int] = {}
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+_PLANS: dict[tuple, tuple] = {}
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs keep every SM busy (split-K/split-M for the thin kernels aims at this)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    n = _TARGETS.get(device)
+    if n is None:
+        n = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _TARGETS[device] = n
+    return n
 
 
 def _splits(blocks_out: int, blocks_loop: int, device: torch.device) -> int:
-    return max(1, min(blocks_loop, triton.cdiv(target_programs(device), max(blocks_out, 1))))
+    return max(1, min(blocks_loop, _cdiv(target_programs(device), max(blocks_out, 1))))
 
 
 def _dummy(device: torch.device) -> torch.Tensor:
     # stands in for the pointer of an absent optional operand (never read: its flag is off)
-    return torch.empty(1, device=device, dtype=torch.float32)
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.empty(1, device=device, dtype=torch.float32)
+    return t
+
+
+def launch(kernel, grid, key: tuple, args: tuple, meta: dict) -> None:
+    """`kernel[grid](*args, **meta)` for an autotuned kernel, planned once per `key` (which must
+    determine the autotuner's choice and the grid): the first call tunes, later calls launch the
+    chosen compiled kernel directly."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        kernel[grid](*args, **meta)
+        config = getattr(kernel, "best_config", None)
+        if config is None or "run" in vars(kernel):  # its launch is wrapped (a recorder, a mock): no plan
+            return
+        plan = _PLANS[key] = (kernel.fn, grid({**meta, **config.kwargs}), {**meta, **config.all_kwargs()})
+        return
+    fn, grid_now, kwargs = plan
+    fn[grid_now](*args, **kwargs)
+
+
+def _dtypes(*tensors: torch.Tensor) -> tuple:
+    return tuple(t.dtype for t in tensors)
 
 
 def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: torch.dtype, *,
          bias: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
          out_scale: torch.Tensor | None = None, lowrank: tuple | None = None, dropout: tuple | None = None,
-         grad: tuple | None = None) -> torch.Tensor:
+         grad: tuple | None = None, pre: torch.Tensor | None = None) -> torch.Tensor:
     """C = epilogue((a ∘ in_scale) · B [+ lr_scale·S·L]) with the adapted-linear kernel.
 
     b_kn: (tensor, N, stride_k, stride_n) describing B as a (K, N) matrix; lowrank: (s (M, r),
     l tensor, stride_r, stride_n, lr_scale, adapter dtype); dropout: (p, seed) on the low-rank term;
-    grad: (mode, aux, grad_fp32) — see the kernel's comment."""
+    grad: (mode, aux, grad_fp32) — see the kernel's comment; pre: an (M, N) tensor that receives
+    the result before out_scale."""
     m, k = a.shape
     b, n, stride_bk, stride_bn = b_kn
-    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
-    dummy = _dummy(a.device)
+    device = a.device
+    c = torch.empty((m, n), device=device, dtype=out_dtype)
+    dummy = _dummy(device)
     if lowrank is not None:
         s, l_t, stride_lr, stride_ln, lr_scale, adapter_dtype = lowrank
         r = s.shape[1]
+        s_strides = s.stride()
     else:
         s, l_t, stride_lr, stride_ln, lr_scale, adapter_dtype, r = dummy, dummy, 0, 0, 1.0, a.dtype, 1
+        s_strides = (0, 0)
     p, seed = dropout if dropout is not None else (0.0, 0)
     mode, aux, grad_buf = grad if grad is not None else (0, dummy, dummy)
-    aux_sm, aux_sn = (aux.stride(0), aux.stride(1)) if mode else (0, 0)
+    aux_strides = aux.stride() if mode else (0, 0)
+    bias_t = bias if bias is not None else dummy
+    in_t = in_scale if in_scale is not None else dummy
+    out_t = out_scale if out_scale is not None else dummy
+    pre_t = pre if pre is not None else dummy
+    r_pad = rank_pad(r)
+    meta = dict(HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
+                HAS_LR=lowrank is not None, STORE_PRE=pre is not None, LR_DROPOUT=lowrank is not None and p > 0.0,
+                GRAD_MODE=mode, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), DOT_PRECISION=dot_precision(a.dtype),
+                **lowrank_mode(a.dtype, adapter_dtype))
+    args = (a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t, m, n, k, r, m_bucket(m),
+            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), *s_strides,
+            stride_lr, stride_ln, *aux_strides, *((pre.stride(0), pre.stride(1)) if pre is not None else (0, 0)),
+            float(lr_scale), int(seed), float(p), 1.0 / (1.0 - p))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
-    adapted_linear_kernel[grid](
-        a, b, c, bias if bias is not None else dummy, in_scale if in_scale is not None else dummy,
-        out_scale if out_scale is not None else dummy, s, l_t, aux, grad_buf,
-        m, n, k, r, m_bucket(m),
-        a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1),
-        s.stride(0) if lowrank is not None else 0, s.stride(1) if lowrank is not None else 0,
-        stride_lr, stride_ln, aux_sm, aux_sn,
-        float(lr_scale), int(seed), float(p), 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
-        HAS_LR=lowrank is not None, LR_DROPOUT=lowrank is not None and p > 0.0, GRAD_MODE=mode,
-        R_PAD=rank_pad(r), R_BLOCK=min(rank_pad(r), 32), DOT_PRECISION=dot_precision(a.dtype),
-        **lowrank_mode(a.dtype, adapter_dtype),
-    )
+    key = ("gemm", m, n, k, device, tuple(meta.values()),
+           _dtypes(a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t))
+    launch(adapted_linear_kernel, grid, key, args, meta)
     return c
 
 
@@ -380,22 +435,22 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
     (t (M, r), out fp32 (K, r) zero-filled, dual_scale) also accumulates out += dual_scale·xᵀ·t."""
     m, k = x.shape
     w, stride_wk, stride_wr = w_kr
-    s = torch.zeros((m, r), device=x.device, dtype=torch.float32)
-    dummy = _dummy(x.device)
+    device = x.device
+    s = torch.zeros((m, r), device=device, dtype=torch.float32)
+    dummy = _dummy(device)
     t, out, dual_scale = dual if dual is not None else (dummy, dummy, 0.0)
-    t_strides = (t.stride(0), t.stride(1)) if dual is not None else (0, 0)
-    o_strides = (out.stride(0), out.stride(1)) if dual is not None else (0, 0)
+    t_strides = t.stride() if dual is not None else (0, 0)
+    o_strides = out.stride() if dual is not None else (0, 0)
+    meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype))
+    args = (x, w, s, t, out, m, k, r, m_bucket(m), x.stride(0), x.stride(1), stride_wk, stride_wr,
+            s.stride(0), s.stride(1), *t_strides, *o_strides, float(scale), float(dual_scale), int(seed), float(p))
 
     def grid(meta):
-        blocks_m = triton.cdiv(m, meta["BLOCK_M"])
-        return (blocks_m, _splits(blocks_m, triton.cdiv(k, meta["BLOCK_K"]), x.device))
+        blocks_m = _cdiv(m, meta["BLOCK_M"])
+        return (blocks_m, _splits(blocks_m, _cdiv(k, meta["BLOCK_K"]), device))
 
-    lowrank_shrink_kernel[grid](
-        x, w, s, t, out, m, k, r, m_bucket(m),
-        x.stride(0), x.stride(1), stride_wk, stride_wr, s.stride(0), s.stride(1), *t_strides, *o_strides,
-        float(scale), float(dual_scale), int(seed), float(p),
-        DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype),
-    )
+    launch(lowrank_shrink_kernel, grid, ("shrink", m, k, r, device, tuple(meta.values()), _dtypes(x, w, t, out)),
+           args, meta)
     return s
 
 
@@ -404,16 +459,15 @@ def reduce_rows(t: torch.Tensor, x: torch.Tensor, scale: float, adapter_dtype: t
     """fp32 (r, K) = scale·tᵀ·dropout(x) for t (M, r), x (M, K)."""
     m, k = x.shape
     r = t.shape[1]
-    out = torch.zeros((r, k), device=x.device, dtype=torch.float32)
+    device = x.device
+    out = torch.zeros((r, k), device=device, dtype=torch.float32)
+    meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype))
+    args = (t, x, out, m, k, r, m_bucket(m), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1), float(scale), int(seed), float(p))
 
     def grid(meta):
-        blocks_k = triton.cdiv(k, meta["BLOCK_K"])
-        return (blocks_k, _splits(blocks_k, triton.cdiv(m, meta["BLOCK_M"]), x.device))
+        blocks_k = _cdiv(k, meta["BLOCK_K"])
+        return (blocks_k, _splits(blocks_k, _cdiv(m, meta["BLOCK_M"]), device))
 
-    lowrank_reduce_kernel[grid](
-        t, x, out, m, k, r, m_bucket(m),
-        t.stride(0), t.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        float(scale), int(seed), float(p),
-        DROPOUT=p > 0.0, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype),
-    )
+    launch(lowrank_reduce_kernel, grid, ("reduce", m, k, r, device, tuple(meta.values()), _dtypes(t, x)), args, meta)
     return out

@@ -1,11 +1,14 @@
 """The reference ops against float64 math written independently here, forward and gradients."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+import fastpeft
 from fastpeft.ops import ia3_linear, lora_linear, prefix_attention, soft_prompt_embed
+from fastpeft.ops import lora as lora_op
 from fastpeft.ops._random import dropout_keep
 from tests.utils import assert_close
 
@@ -14,28 +17,99 @@ def _grads(out, inputs, seed_grad):
     return torch.autograd.grad(out, inputs, seed_grad)
 
 
+def _torch_keep(seed, shape, p):
+    """The production torch path's mask for an explicit seed: drawn from a generator seeded with it."""
+    if p == 0.0:
+        return torch.ones(shape, dtype=torch.bool)
+    return lora_op.keep_mask(*shape, p, torch.Generator().manual_seed(seed), torch.device("cpu"), torch.float32).bool()
+
+
 @pytest.mark.parametrize("M,K,N,r", [(1, 3, 5, 1), (7, 33, 17, 4), (16, 64, 48, 16)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_linear_matches_float64(M, K, N, r, bias, dropout):
+@pytest.mark.parametrize("backend_name", ["torch", "torch_philox"])
+def test_lora_linear_matches_float64(M, K, N, r, bias, dropout, backend_name):
     x = torch.randn(2, M, K, requires_grad=True)
     w = torch.randn(N, K) / math.sqrt(K)
     b = torch.randn(N) if bias else None
     a = torch.randn(r, K, requires_grad=True)
     bb = torch.randn(N, r, requires_grad=True)
     scaling, seed = 1.7, 1234
-    y = lora_linear(x, w, b, a, bb, scaling, dropout, training=True, seed=seed)
-    keep = dropout_keep(seed, (2 * M, K), dropout).reshape(2, M, K).double() / (1 - dropout)
+    with fastpeft.use_backend(backend_name):
+        y = lora_linear(x, w, b, a, bb, scaling, dropout, training=True, seed=seed)
+        g = torch.randn_like(y)
+        gx, ga, gb = _grads(y, (x, a, bb), g)
+    draw = dropout_keep if backend_name == "torch_philox" else _torch_keep
+    keep = draw(seed, (2 * M, K), dropout).reshape(2, M, K).double() / (1 - dropout)
     xd = x.double()
     y64 = xd @ w.double().t() + (0 if b is None else b.double()) + scaling * ((xd * keep) @ a.double().t()) @ bb.double().t()
     assert_close(y, y64, torch.float32)
-    g = torch.randn_like(y)
-    gx, ga, gb = _grads(y, (x, a, bb), g)
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
     y64 = x64 @ w.double().t() + scaling * ((x64 * keep) @ a64.t()) @ b64.t()
     rx, ra, rb = _grads(y64, (x64, a64, b64), g.double())
     for name, got, want in (("dx", gx, rx), ("dA", ga, ra), ("dB", gb, rb)):
         assert_close(got, want, torch.float32, what=name)
+
+
+class _FixedMask(torch.nn.Module):
+    """PEFT's lora_dropout replaced by a given multiplier: PEFT's math under a known mask."""
+
+    def __init__(self, mult):
+        super().__init__()
+        self.mult = mult
+
+    def forward(self, x):
+        return x * self.mult
+
+
+def test_lora_torch_dropout_matches_peft_given_the_same_mask():
+    """With no seed the torch path draws its mask from the default generator; given that mask,
+    output and gradients equal PEFT's layer (and torch.manual_seed reproduces the draw)."""
+    import peft
+
+    base = torch.nn.Sequential(torch.nn.Linear(24, 20))
+    ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=4, lora_dropout=0.3, target_modules=["0"]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_dropout=0.3, target_modules=["0"]))
+    a = torch.randn(4, 24)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.base_model.model[0].lora_A["default"].weight.copy_(a)
+            m.base_model.model[0].lora_B["default"].weight.copy_(torch.linspace(-1, 1, 80).reshape(20, 4))
+    ours.train()
+    theirs.train()
+    x = torch.randn(2, 7, 24)
+    torch.manual_seed(99)
+    gen = torch.Generator().set_state(torch.get_rng_state())
+    keep = lora_op.keep_mask(14, 24, 0.3, gen, torch.device("cpu"), torch.float32)
+    assert 0.5 < keep.mean().item() < 0.9 and set(keep.unique().tolist()) == {0.0, 1.0}
+    theirs.base_model.model[0].lora_dropout["default"] = _FixedMask(keep.reshape(2, 7, 24) / 0.7)
+    got = []
+    for model in (ours, theirs):
+        torch.manual_seed(99)
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.square().sum().backward()
+        layer = model.base_model.model[0]
+        got.append((y, xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    for name, a, b in zip(("y", "dx", "dA", "dB"), *got):
+        assert_close(a, b, torch.float32, what=name)
+    torch.manual_seed(99)
+    first = ours(x)
+    assert not torch.equal(first, ours(x))  # a fresh mask each call
+    torch.manual_seed(99)
+    assert torch.equal(first, ours(x))  # governed by torch.manual_seed
+
+
+def test_torch_keep_mask_rate_and_independence():
+    gen = torch.Generator().manual_seed(5)
+    for p in (0.05, 0.5, 0.9):
+        keep = lora_op.keep_mask(257, 129, p, gen, torch.device("cpu"), torch.float32)  # odd numel: a partial draw
+        assert keep.shape == (257, 129)
+        assert abs(keep.mean().item() - (1 - p)) < 0.01, p
+    a = lora_op.keep_mask(64, 64, 0.5, gen, torch.device("cpu"), torch.float32)
+    b = lora_op.keep_mask(64, 64, 0.5, gen, torch.device("cpu"), torch.float32)
+    assert abs((a * b).mean().item() - 0.25) < 0.03  # successive draws independent
+    assert abs((a[:, 1:] * a[:, :-1]).mean().item() - 0.25) < 0.03  # neighbours independent
 
 
 def test_lora_dropout_only_in_training_and_mask_rate():
@@ -166,3 +240,32 @@ def test_ops_trace_under_torch_compile_fullgraph():
     out.backward()
     assert_close(out.detach().reshape(1), f(x.detach()).reshape(1), torch.float32)
     assert a.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("needs", ["all", "x_and_B", "A_only"])
+def test_lora_torch_path_gradcheck_with_dropout(needs):
+    """The production backward (mask re-drawn from the seed, only the wanted gradients) is the
+    exact derivative of its forward, whichever inputs want gradients."""
+    d = torch.float64
+    x = torch.randn(2, 3, 8, dtype=d, requires_grad=needs != "A_only")
+    w = torch.randn(5, 8, dtype=d)
+    a = torch.randn(3, 8, dtype=d, requires_grad=needs != "x_and_B")
+    b = torch.randn(5, 3, dtype=d, requires_grad=needs != "A_only")
+    inputs = tuple(t for t in (x, a, b) if t.requires_grad)
+
+    def f(*ts):
+        it = iter(ts)
+        xi, ai, bi = (next(it) if t.requires_grad else t for t in (x, a, b))
+        return lora_linear(xi, w, None, ai, bi, 1.5, 0.4, training=True, seed=7)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_gradcheck_with_trained_weight(feedforward):
+    d = torch.float64
+    x = torch.randn(6, 8, dtype=d, requires_grad=True)
+    w = torch.randn(5, 8, dtype=d, requires_grad=True)
+    b = torch.randn(5, dtype=d, requires_grad=True)
+    l = (torch.rand((1, 8) if feedforward else (5, 1), dtype=d) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: ia3_linear(*t, feedforward), (x, w, b, l))

@@ -180,12 +180,12 @@ def _ia3(rec, dtype, l_dtype, feedforward, m=2048, k=4096, n=4096):
     from fastpeft.kernels import ia3
 
     x, w, bias = _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), _t(n, dtype=dtype)
-    l = torch.ones(k if feedforward else n, dtype=_dtype(l_dtype))  # ones: the backward's l == 0 path stays off
+    l = torch.ones(k if feedforward else n, dtype=_dtype(l_dtype))
     base = rec.phase
     rec.phase = f"{base}/fwd"
-    y = ia3.ia3_forward(x, w, bias, l, feedforward)
+    _, z = ia3.ia3_forward(x, w, bias, l, feedforward, keep_z=True)  # training: Z kept for dl
     rec.phase = f"{base}/bwd"
-    ia3.ia3_backward(_t(m, n, dtype=dtype), x, y, w, bias, l, feedforward)
+    ia3.ia3_backward(_t(m, n, dtype=dtype), x, z, w, l, feedforward, (True, True))
 
 
 def _prefix(rec, dtype, d, *, causal=True, mask=True, index=False, t=512, s=None, p=20, b=2, hq=32, hkv=8,

@@ -87,6 +87,11 @@ def text_table(doc: dict) -> str:
         out += ["", title, line(COLUMNS), line(tuple("-" * w for w in widths) + ("-" * 12,))]
         for row in rows:
             out.append(line(row))
+    if doc.get("overhead"):
+        from .overhead import table as overhead_table
+
+        out += ["", "Host overhead per layer call, µs (CPU, one thread; Triton launches stubbed out)",
+                overhead_table(doc["overhead"])]
     out.append("")
     if doc["failures"]:
         out.append(f"FAILED: {len(doc['failures'])} fastpeft result(s) wrong or broken:")
@@ -105,6 +110,11 @@ def markdown(doc: dict) -> str:
         out += ["", f"## {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in _rows(records):
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    if doc.get("overhead"):
+        from .overhead import table as overhead_table
+
+        out += ["", "## Host overhead per layer call, µs (CPU, one thread; Triton launches stubbed out)", "", "```",
+                overhead_table(doc["overhead"]), "```"]
     out += ["", "Ratios are times: `/ frozen` against the frozen floor of the same case, `/ PEFT` against "
             "PEFT eager (below 1 is faster).", ""]
     if doc["failures"]:

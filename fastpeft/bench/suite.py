@@ -263,7 +263,15 @@ def run_suite(s: Settings, progress: Callable[[str], None] = _stderr) -> dict:
         for case in cases:
             records += run_case(case, s, have_peft, prog)
     fails = failures(records)
-    return {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
+    overhead = None
+    if s.layers and have_peft:
+        from .overhead import measure as measure_overhead
+
+        progress("host overhead per layer call (one CPU thread) ...\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            overhead = measure_overhead(rounds=3 if s.quick else 7, calls=30 if s.quick else 100)
+    return {"overhead": overhead, "schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
             "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
             **environment(s.device), "cpu_reference": s.device != "cuda", "peft_available": have_peft,
             "notes": notes, "settings": s.to_json(), "cases": records, "ok": not fails, "failures": fails}

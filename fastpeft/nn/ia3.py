@@ -34,6 +34,14 @@ class IA3Linear(AdapterLayer):
         return scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # the common case first, read straight from the containers: one active, unmerged adapter
+        if not (self.disable_adapters or self.merged_adapters or args or kwargs) and len(self.active_adapters) == 1:
+            scale = self._modules["ia3_l"]._parameters.get(self.active_adapters[0])
+            if scale is not None:
+                base = self._modules["base_layer"]
+                weight = base.weight
+                return ia3_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias, scale,
+                                  self.is_feedforward)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -72,6 +72,19 @@ class LoraLinear(AdapterLayer):
                            self._dropout_p(name), self.training)
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        # the common case first, read straight from the containers: one active, unmerged adapter
+        if not (self.disable_adapters or adapter_names is not None or self.merged_adapters or args or kwargs) \
+                and len(self.active_adapters) == 1:
+            name = self.active_adapters[0]
+            mods = self._modules
+            a_mod = mods["lora_A"]._modules.get(name)
+            if a_mod is not None:
+                base = mods["base_layer"]
+                weight = base.weight
+                drop = mods["lora_dropout"]._modules[name]
+                return lora_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias,
+                                   a_mod._parameters["weight"], mods["lora_B"]._modules[name]._parameters["weight"],
+                                   self.scaling[name], drop.p if type(drop) is nn.Dropout else 0.0, self.training)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

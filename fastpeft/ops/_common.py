@@ -63,3 +63,13 @@ def gpu_kernel_supports(*tensors: torch.Tensor | None, forced: bool) -> str | No
     if forced and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "tensors are not on a CUDA device"
+
+
+def raw_apply(cls: type):
+    """`cls.apply` for an autograd.Function minus `Function.apply`'s per-call Python (signature
+    inspection, a walk over the arguments for functorch): the C++ apply, which is all an eager call
+    needs while no functorch transform is active (check `functorch_active()` first)."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+
+
+functorch_active = torch._C._are_functorch_transforms_active

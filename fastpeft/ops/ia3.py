@@ -5,19 +5,27 @@ the base output dtype, as HF PEFT's `ia3.Linear` does.
 Input scaling (feedforward=True):   y = ((x ∘ l) cast to x.dtype)·Wᵀ + b.
 l has PEFT's shape: (out_features, 1) for output scaling, (1, in_features) for input scaling;
 any shape with that many elements is accepted.
+
+Saved for the backward, decided from `ctx.needs_input_grad` (a frozen W never saves its input):
+output scaling keeps the pre-scale output Z = x·Wᵀ + b (M×N, what PEFT keeps) when l is trained,
+and no second GEMM runs in the backward; input scaling keeps x when l is trained; x is kept for
+either mode only when W itself is trained.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check, check_float, check_same_device, dense, gpu_kernel_supports
+from ._common import cast_for_autocast, check_float, functorch_active, gpu_kernel_supports, raw_apply
 
 OP = "ia3_linear"
 
 
+# ----------------------------------------------------------------------------- reference (spec)
 def reference_forward(x, weight, bias, ia3_l, feedforward):
     l = ia3_l.reshape(-1)
     if feedforward:
@@ -27,7 +35,7 @@ def reference_forward(x, weight, bias, ia3_l, feedforward):
 
 
 def reference_backward(dy, x, y, weight, bias, ia3_l, feedforward):
-    """(dx, dl) for a 2-D x; dl has ia3_l's shape.  `y` is the forward output (kernels may use it)."""
+    """(dx, dl) for a 2-D x; dl has ia3_l's shape.  `y` is the forward output (unused here)."""
     l = ia3_l.reshape(-1)
     if feedforward:
         g = (dy @ weight).to(l.dtype)  # gradient w.r.t. the scaled input
@@ -41,42 +49,131 @@ def reference_backward(dy, x, y, weight, bias, ia3_l, feedforward):
     return dx, dl.reshape(ia3_l.shape).to(ia3_l.dtype)
 
 
-backend.register(OP, "torch", priority=0, forward=reference_forward, backward=reference_backward)
+# ----------------------------------------------------------------------------- production torch path
+def torch_forward(x, weight, bias, ia3_l, feedforward, keep_z):
+    """(y, z) for a 2-D x: z the pre-scale output (output scaling, when `keep_z`) else None."""
+    l = ia3_l.reshape(-1)
+    if feedforward:
+        xs = x * l if x.dtype == l.dtype else (x.to(l.dtype) * l).to(x.dtype)
+        return F.linear(xs, weight, bias), None
+    z = F.linear(x, weight, bias)
+    y = z * l if z.dtype == l.dtype else (z * l).to(z.dtype)
+    return y, (z if keep_z else None)
 
 
+def torch_backward(dy, x, z, weight, bias, ia3_l, feedforward, needs):
+    """(dx, dl) for a 2-D dy, each None unless `needs` = (need_x, need_l) asks for it.
+    Output scaling reads z (the saved pre-scale output), input scaling reads x."""
+    need_x, need_l = needs
+    l = ia3_l.reshape(-1)
+    dx = dl = None
+    if feedforward:
+        g = torch.mm(dy, weight)  # gradient w.r.t. the scaled input
+        if g.dtype != l.dtype:
+            g = g.to(l.dtype)
+        if need_x:
+            dx = g * l
+        if need_l:
+            dl = (g * (x if x.dtype == l.dtype else x.to(l.dtype))).sum(0)
+    else:
+        dyl = dy if dy.dtype == l.dtype else dy.to(l.dtype)
+        if need_l:
+            dl = (dyl * (z if z.dtype == l.dtype else z.to(l.dtype))).sum(0)
+        if need_x:
+            g = dyl * l
+            dx = torch.mm(g if g.dtype == dy.dtype else g.to(dy.dtype), weight)
+    if dl is not None:
+        dl = dl.view(ia3_l.shape).to(ia3_l.dtype)
+    return dx, dl
+
+
+backend.register(OP, "torch", priority=0, forward=torch_forward, backward=torch_backward)
+# IA3 draws no random numbers: the reference backend is the production one
+backend.register(OP, "torch_philox", priority=-1, forward=torch_forward, backward=torch_backward)
+
+
+# ----------------------------------------------------------------------------- eager autograd
+class IA3LinearFn(torch.autograd.Function):
+    """The eager path: x (..., K) -> y (..., N) in one node; cfg = (feedforward, impl)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_l, cfg):
+        feedforward, impl = cfg
+        shape = x.shape
+        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
+        needs = ctx.needs_input_grad
+        y, z = impl.fns["forward"](x2, weight, bias, ia3_l, feedforward, needs[3])
+        # input scaling: x for dl (or a trained W); output scaling: z for dl, x only for a trained W
+        keep_x = needs[1] or (feedforward and needs[3])
+        ctx.save_for_backward(x2 if keep_x else None, z, weight, ia3_l)
+        ctx.cfg = (feedforward, impl, shape, x.dtype, bias is not None)
+        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, weight, ia3_l = ctx.saved_tensors
+        feedforward, impl, shape, x_dtype, has_bias = ctx.cfg
+        needs = ctx.needs_input_grad
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        dx, dl = impl.fns["backward"](dy2, x, z, weight, None, ia3_l, feedforward, (needs[0], needs[3]))
+        if dx is not None:
+            dx = dx.to(x_dtype)
+            if len(shape) != 2:
+                dx = dx.view(shape)
+        d_w = d_b = None
+        if needs[1] or needs[2]:
+            l = ia3_l.reshape(-1)
+            if feedforward:
+                dz, xin = dy2, (x.to(l.dtype) * l).to(x.dtype)
+            else:
+                dz = (dy2.to(l.dtype) * l).to(dy2.dtype)
+                xin = x
+            d_w = (dz.t() @ xin).to(weight.dtype) if needs[1] else None
+            d_b = dz.sum(0) if has_bias and needs[2] else None
+        return dx, d_w, d_b, dl, None
+
+
+_ia3_apply = raw_apply(IA3LinearFn)
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
 @torch.library.custom_op("fastpeft::ia3_linear_fwd", mutates_args=())
 def _ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor,
-             feedforward: bool) -> torch.Tensor:
+             feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
-    return impl.fns["forward"](x, weight, bias, ia3_l, feedforward).contiguous()
+    y, z = impl.fns["forward"](x, weight, bias, ia3_l, feedforward, True)
+    return y.contiguous(), (x.new_empty(0) if z is None else z.contiguous())
 
 
 @_ia3_fwd.register_fake
 def _(x, weight, bias, ia3_l, feedforward):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    z = x.new_empty(0) if feedforward else x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0])), z
 
 
 @torch.library.custom_op("fastpeft::ia3_linear_bwd", mutates_args=())
-def _ia3_bwd(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _ia3_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
              ia3_l: torch.Tensor, feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
-    return dense(*impl.fns["backward"](dy, x, y, weight, bias, ia3_l, feedforward))
+    impl = backend.select(OP, x, weight, None, ia3_l, feedforward)
+    dx, dl = impl.fns["backward"](dy, x, z, weight, None, ia3_l, feedforward, (True, True))
+    return dx.to(x.dtype).contiguous(), dl.contiguous()
 
 
 @_ia3_bwd.register_fake
-def _(dy, x, y, weight, bias, ia3_l, feedforward):
-    return x.new_empty(x.shape), ia3_l.new_empty(ia3_l.shape)
+def _(dy, x, z, weight, ia3_l, feedforward):
+    return x.new_empty((dy.shape[0], weight.shape[1])), ia3_l.new_empty(ia3_l.shape)
 
 
 def _setup(ctx, inputs, output):
     x, weight, bias, ia3_l, feedforward = inputs
-    ctx.save_for_backward(x, output, weight, bias, ia3_l)
+    # the op's backward reads x (input scaling) or z (output scaling); x also for a trained W
+    ctx.save_for_backward(x, output[1], weight, bias, ia3_l)
     ctx.feedforward = feedforward
 
 
-def _backward(ctx, dy):
-    x, y, weight, bias, ia3_l = ctx.saved_tensors
-    dx, dl = _ia3_bwd(dy.contiguous(), x, y, weight, bias, ia3_l, ctx.feedforward)
+def _backward(ctx, dy, _dz):
+    x, z, weight, bias, ia3_l = ctx.saved_tensors
+    dx, dl = _ia3_bwd(dy.contiguous(), x, z, weight, ia3_l, ctx.feedforward)
     d_w = d_b = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         l = ia3_l.reshape(-1)
@@ -92,26 +189,70 @@ def _backward(ctx, dy):
 _ia3_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+# ----------------------------------------------------------------------------- public API
+def _validate(x, weight, bias, ia3_l, feedforward) -> None:
+    for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
+        check_float(name, t)
+    devices = {"x": x.device, "weight": weight.device, "ia3_l": ia3_l.device}
+    if bias is not None:
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features but the layer's in_features is {k}")
+    want = k if feedforward else n
+    if ia3_l.numel() != want:
+        what = "in_features (feed-forward input scaling)" if feedforward else "out_features (output scaling)"
+        raise ValueError(f"ia3_l has {ia3_l.numel()} elements but the layer's {what} is {want}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},)")
+
+
+_PLANS: dict[tuple, backend.Impl] = {}
+
+
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor,
                feedforward: bool) -> torch.Tensor:
     """IA3-scaled projection; see the module docstring for the math.
 
     x: (..., K); weight: (N, K); bias: (N,) or None; ia3_l: N elements (output scaling) or
     K elements (feedforward input scaling)."""
-    for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
-        check_float(name, t)
-    check_same_device(x=x, weight=weight, bias=bias, ia3_l=ia3_l)
-    check(weight.dim() == 2, f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    check(x.shape[-1] == k, f"x has {x.shape[-1]} features but the layer's in_features is {k}")
-    want = k if feedforward else n
-    what = "in_features (feed-forward input scaling)" if feedforward else "out_features (output scaling)"
-    check(ia3_l.numel() == want, f"ia3_l has {ia3_l.numel()} elements but the layer's {what} is {want}")
-    check(bias is None or tuple(bias.shape) == (n,), f"bias must have shape ({n},)")
+    feedforward = bool(feedforward)
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return _ia3_linear_slow(x, weight, bias, ia3_l, feedforward)
+    forced = backend.get_backend()
+    key = (forced, x.shape[-1:], x.dtype, x.device, weight.shape, weight.dtype, weight.device, ia3_l.shape,
+           ia3_l.dtype, ia3_l.device, None if bias is None else (bias.shape, bias.dtype, bias.device), feedforward,
+           None if forced is None else os.environ.get("TRITON_INTERPRET"))
+    impl = _PLANS.get(key)
+    if impl is None:
+        _validate(x, weight, bias, ia3_l, feedforward)
+        if x.dtype != weight.dtype:
+            raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+        impl = _PLANS[key] = backend.select(OP, x, weight, bias, ia3_l, feedforward)
+    else:
+        backend._LAST[OP] = impl.backend
+    if functorch_active():
+        return IA3LinearFn.apply(x, weight, bias, ia3_l, (feedforward, impl))
+    return _ia3_apply(x, weight, bias, ia3_l, (feedforward, impl))
+
+
+def _ia3_linear_slow(x, weight, bias, ia3_l, feedforward):
+    """Under torch.compile (the custom ops) or autocast (inputs cast as nn.Linear casts them)."""
+    _validate(x, weight, bias, ia3_l, feedforward)
     x, weight, bias = cast_for_autocast(x.device.type, x, weight, bias)
-    check(x.dtype == weight.dtype, f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+    if not torch.compiler.is_compiling():
+        impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
+        return IA3LinearFn.apply(x, weight, bias, ia3_l, (feedforward, impl))
+    n, k = weight.shape
     lead = x.shape[:-1]
-    return _ia3_fwd(x.reshape(-1, k), weight, bias, ia3_l, bool(feedforward)).reshape(*lead, n)
+    y, _ = _ia3_fwd(x.reshape(-1, k), weight, bias, ia3_l, feedforward)
+    return y.reshape(*lead, n)
 
 
 # ----------------------------------------------------------------------------- triton backend
@@ -130,16 +271,16 @@ def _triton_supports(x, weight, bias, ia3_l, feedforward, *, forced: bool) -> st
     return None
 
 
-def _triton_forward(x, weight, bias, ia3_l, feedforward):
+def _triton_forward(x, weight, bias, ia3_l, feedforward, keep_z):
     from ..kernels.ia3 import ia3_forward
 
-    return ia3_forward(x, weight, bias, ia3_l, feedforward)
+    return ia3_forward(x, weight, bias, ia3_l, feedforward, keep_z)
 
 
-def _triton_backward(dy, x, y, weight, bias, ia3_l, feedforward):
+def _triton_backward(dy, x, z, weight, bias, ia3_l, feedforward, needs):
     from ..kernels.ia3 import ia3_backward
 
-    return ia3_backward(dy, x, y, weight, bias, ia3_l, feedforward)
+    return ia3_backward(dy.contiguous(), x, z, weight, ia3_l, feedforward, needs)
 
 
 backend.register(OP, "triton", priority=10, supports=_triton_supports, forward=_triton_forward,

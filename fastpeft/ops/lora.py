@@ -2,24 +2,36 @@
 
 Semantics follow HF PEFT's `lora.Linear`: the low-rank path runs in the adapter's dtype
 (`x` cast to `lora_A.dtype`), is added to the base output and the sum is cast back to the base
-output dtype.  Dropout draws its mask from a Philox seed (`fastpeft.ops._random`), so the
-backward re-draws it instead of storing it.  Forward returns S = dropout(x)·Aᵀ (M×r) for the
-backward; nothing M×N is saved.
+output dtype.  Forward keeps S = dropout(x)·Aᵀ (M×r) for the backward; nothing M×N, no mask:
+the backward re-draws the mask.  Two ways of drawing it:
+
+* the kernels and the "torch_philox" reference (the kernels' specification): a counter-based
+  Philox stream from an integer seed (`fastpeft.ops._random`), identical bit for bit;
+* the production "torch" path: torch's own generator (`keep_mask`: 16 random bits per element,
+  Bernoulli(1-p) with p on a 2⁻¹⁶ grid, several times cheaper on a CPU than `bernoulli_`), drawn
+  from the default generator, whose state is kept (5 KiB on a CPU) to re-draw the mask in the
+  backward, or, given a `seed`, from a generator seeded with it.  torch.manual_seed governs it,
+  and gradient checkpointing (which restores the RNG state) re-draws the same mask.
+
+Eager calls run one plain `torch.autograd.Function` that calls the chosen backend directly;
+the `torch.library` custom ops are what `torch.compile` traces.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check, check_float, check_same_device, dense, gpu_kernel_supports
+from ._common import cast_for_autocast, check_float, dense, functorch_active, gpu_kernel_supports, raw_apply
 from ._random import dropout_keep, new_seed
 
 OP = "lora_linear"
 
 
-# ----------------------------------------------------------------------------- reference
+# ----------------------------------------------------------------------------- reference (spec)
 def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """dropout(x) for a 2-D x, the mask drawn from `seed` at row-major offsets."""
     if p <= 0.0:
@@ -29,7 +41,7 @@ def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """(y, s) for a 2-D x: the plain-PyTorch definition of the op."""
+    """(y, s) for a 2-D x: the plain-PyTorch definition of the op (Philox dropout)."""
     y = F.linear(x, weight, bias)
     s = _dropped(x.to(lora_A.dtype), dropout_p, seed) @ lora_A.t()
     y = (y + (s @ lora_B.t()) * scaling).to(y.dtype)
@@ -50,7 +62,135 @@ def reference_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, see
     return dx, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype)
 
 
-backend.register(OP, "torch", priority=0, forward=reference_forward, backward=reference_backward)
+backend.register(OP, "torch_philox", priority=-1, forward=reference_forward, backward=reference_backward)
+
+
+# ----------------------------------------------------------------------------- production torch path
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero to stand as addmm's ignored input (beta=0): `mm` with an alpha, one op."""
+    key = (like.device, like.dtype)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+    return z
+
+
+_THRESHOLDS: dict[tuple, torch.Tensor] = {}
+
+
+def keep_mask(m: int, k: int, p: float, gen: torch.Generator | None, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The production path's (m, k) 0/1 dropout keep-mask in `dtype`: 16 random bits per element
+    (row-major) from torch's generator `gen` (None: the default one), kept when below (1-p)·2¹⁶,
+    i.e. Bernoulli(1-p) with p rounded to a multiple of 2⁻¹⁶.  Four elements per 64-bit draw:
+    several times cheaper on a CPU than `bernoulli_`, which matters because the backward draws the
+    mask a second time instead of keeping it."""
+    key = (device, p)
+    thresh = _THRESHOLDS.get(key)
+    if thresh is None:  # a 0-d int16 tensor: comparing with a Python int takes a slow path
+        level = min(32767, round((1.0 - p) * 65536) - 32768)
+        thresh = _THRESHOLDS[key] = torch.tensor(level, dtype=torch.int16, device=device)
+    n = m * k
+    bits = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
+    r = bits.view(torch.int16)
+    if r.shape[0] != n:
+        r = r[:n]
+    return torch.lt(r.view(m, k), thresh).to(dtype)
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen):
+    """(y, s) for a 2-D x with torch's fused primitives; dropout from `gen` (None: the default generator)."""
+    xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+    if dropout_p > 0.0:
+        xd = keep_mask(xa.shape[0], xa.shape[1], dropout_p, gen, xa.device, xa.dtype).mul_(xa)
+        s = torch.addmm(_zero(xd), xd, lora_A.t(), beta=0, alpha=1.0 / (1.0 - dropout_p))
+    else:
+        s = torch.mm(xa, lora_A.t())
+    y = F.linear(x, weight, bias)
+    if y.dtype == lora_B.dtype:
+        y.addmm_(s, lora_B.t(), alpha=scaling)
+    else:
+        y = (y + (s @ lora_B.t()) * scaling).to(y.dtype)
+    return y, s
+
+
+def torch_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, gen, needs=(True, True, True)):
+    """(dx, dA, dB) for a 2-D x given dy and s; `gen` re-draws the forward's mask; `needs` says
+    which of the three are wanted (the others come back None and cost nothing)."""
+    need_x, need_a, need_b = needs
+    dya = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
+    zero = _zero(dya)
+    ds = torch.addmm(zero, dya, lora_B, beta=0, alpha=scaling)  # scaling·dy·B (M, r)
+    d_b = d_a = dx = None
+    if need_b:
+        d_b = torch.addmm(zero, dya.t(), s if s.dtype == dya.dtype else s.to(dya.dtype), beta=0, alpha=scaling)
+    if dropout_p > 0.0:
+        inv_q = 1.0 / (1.0 - dropout_p)
+        keep = keep_mask(dy.shape[0], lora_A.shape[1], dropout_p, gen, dy.device, lora_A.dtype)  # x may be unsaved
+        if need_x:  # dx = dy·W + (ds·A ∘ keep) / (1-p)
+            dx = torch.mm(dy, weight)
+            dxd = torch.mm(ds, lora_A)
+            if dx.dtype == dxd.dtype:
+                dx.addcmul_(dxd, keep, value=inv_q)
+            else:
+                dx = dx.add_((dxd * keep * inv_q).to(dx.dtype))
+        if need_a:  # dA = dsᵀ·(x ∘ keep) / (1-p)
+            xd = (x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)) * keep
+            d_a = torch.addmm(_zero(ds), ds.t(), xd, beta=0, alpha=inv_q)
+        return dx, d_a, d_b
+    if need_a:
+        d_a = torch.mm(ds.t(), x if x.dtype == lora_A.dtype else x.to(lora_A.dtype))
+    if need_x:
+        if x.dtype == lora_A.dtype == dy.dtype:
+            dx = torch.mm(dy, weight).addmm_(ds, lora_A)
+        else:
+            dx = torch.mm(dy, weight).to(x.dtype).add_(torch.mm(ds, lora_A).to(x.dtype))
+    return dx, d_a, d_b
+
+
+backend.register(OP, "torch", priority=0, forward=torch_forward, backward=torch_backward)
+
+
+# ----------------------------------------------------------------------------- dropout RNG
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device)
+    return gen
+
+
+def rng_token(impl: backend.Impl, p: float, seed: int | None, device: torch.device):
+    """What the backward needs to re-draw the forward's dropout mask, and the generator the forward
+    draws from: (int seed, None) for the Philox backends; for the torch path the default CPU
+    generator's state (gen None: draw from the default generator, as nn.Dropout does) or a seed."""
+    if p <= 0.0:
+        return 0, None
+    if impl.backend != "torch":
+        return (new_seed() if seed is None else int(seed)), None
+    if seed is None and device.type == "cpu":
+        return torch.default_generator.get_state(), None
+    seed = new_seed() if seed is None else int(seed)
+    gen = _generator(device)
+    gen.manual_seed(seed)
+    return seed, gen
+
+
+def replay(impl: backend.Impl, p: float, token, device: torch.device):
+    """The rng argument for `impl`'s backward: the generator re-set to the forward's draw, or the seed."""
+    if p <= 0.0 or impl.backend != "torch":
+        return token
+    gen = _generator(device)
+    if isinstance(token, torch.Tensor):
+        gen.set_state(token)
+    else:
+        gen.manual_seed(token)
+    return gen
 
 
 def kernel_supports(x, weight, bias, lora_A, lora_B, *rest, forced: bool) -> str | None:
@@ -63,12 +203,65 @@ def kernel_supports(x, weight, bias, lora_A, lora_B, *rest, forced: bool) -> str
     return None
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- eager autograd
+class LoraLinearFn(torch.autograd.Function):
+    """The eager path: x (..., K) -> y (..., N) in one node.  cfg = (scaling, p, seed, impl).
+    Saves what the backward needs (torch path: x only for dA or a trained W, S only for dB) and the
+    mask's seed or generator state, never the mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, cfg):
+        scaling, p, seed, impl = cfg
+        shape = x.shape
+        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
+        if p > 0.0:
+            token, gen = rng_token(impl, p, seed, x.device)
+        else:
+            token, gen = 0, None
+        torch_path = impl.backend == "torch"
+        y, s = impl.fns["forward"](x2, weight, bias, lora_A, lora_B, scaling, p, gen if torch_path else token)
+        if torch_path:
+            needs = ctx.needs_input_grad
+            ctx.save_for_backward(x2 if (needs[3] or needs[1]) else None, weight, lora_A, lora_B,
+                                  s if needs[4] else None)
+        else:  # the fused kernels produce dx, dA and dB together from all of them
+            ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
+        ctx.cfg = (impl, token, scaling, p, shape, bias is not None, torch_path)
+        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        impl, token, scaling, p, shape, has_bias, torch_path = ctx.cfg
+        needs = ctx.needs_input_grad
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        rng = replay(impl, p, token, lora_A.device) if p > 0.0 else (None if torch_path else 0)
+        if torch_path:
+            dx, d_a, d_b = impl.fns["backward"](dy2, x, weight, lora_A, lora_B, s, scaling, p, rng,
+                                                (needs[0], needs[3], needs[4]))
+        else:
+            dx, d_a, d_b = impl.fns["backward"](dy2.contiguous(), x, weight, lora_A, lora_B, s, scaling, p, rng)
+        d_w = (dy2.t() @ x).to(weight.dtype) if needs[1] else None
+        d_bias = dy2.sum(0) if has_bias and needs[2] else None
+        if dx is not None and len(shape) != 2:
+            dx = dx.view(shape)
+        return dx, d_w, d_bias, d_a, d_b, None
+
+
+_lora_apply = raw_apply(LoraLinearFn)  # Function.apply minus its per-call functorch bookkeeping
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+def _compiled_rng(impl, p, seed, device):
+    return replay(impl, p, seed, device) if impl.backend == "torch" else seed
+
+
 @torch.library.custom_op("fastpeft::lora_linear_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, bias, lora_A, lora_B, dropout_p)
-    return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+    rng = _compiled_rng(impl, dropout_p, seed, x.device)
+    return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng))
 
 
 @_lora_fwd.register_fake
@@ -81,7 +274,8 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: t
               s: torch.Tensor, scaling: float, dropout_p: float, seed: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, None, lora_A, lora_B, dropout_p)
-    return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed))
+    rng = _compiled_rng(impl, dropout_p, seed, x.device)
+    return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, rng))
 
 
 @_lora_bwd.register_fake
@@ -108,6 +302,38 @@ _lora_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public API
+def _validate(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
+    """The argument checks, each message naming what is wrong; run once per distinct signature."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        check_float(name, t)
+    devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the layer's in_features is {k}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)} but the layer's in_features is {k}; expected (r, {k})")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError("LoRA rank must be >= 1")
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; expected (out_features, r) = ({n}, {r})")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+_PLANS: dict[tuple, backend.Impl] = {}
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = False,
                 seed: int | None = None) -> torch.Tensor:
@@ -115,30 +341,47 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     x: (..., K); weight: (N, K) (pass `weight.t()` for GPT-2 Conv1D); bias: (N,) or None;
     lora_A: (r, K); lora_B: (N, r).  Dropout applies only when `training` and dropout_p > 0; its
-    mask comes from `seed` (drawn from torch's CPU generator when None).
+    mask comes from `seed` when given, else from torch's default generator (the kernels: a seed
+    drawn from it), so torch.manual_seed governs it either way.
     """
-    check(x.dim() >= 1, "x must have at least one dimension")
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        check_float(name, t)
-    check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    check(weight.dim() == 2, f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    check(x.shape[-1] == k, f"x has {x.shape[-1]} features but the layer's in_features is {k}")
-    check(lora_A.dim() == 2 and lora_A.shape[1] == k,
-          f"lora_A has shape {tuple(lora_A.shape)} but the layer's in_features is {k}; expected (r, {k})")
-    r = lora_A.shape[0]
-    check(r >= 1, "LoRA rank must be >= 1")
-    check(tuple(lora_B.shape) == (n, r),
-          f"lora_B has shape {tuple(lora_B.shape)}; expected (out_features, r) = ({n}, {r})")
-    check(bias is None or tuple(bias.shape) == (n,), f"bias has shape {tuple(bias.shape) if bias is not None else None}; expected ({n},)")
-    check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    x, weight, bias, lora_A, lora_B = cast_for_autocast(x.device.type, x, weight, bias, lora_A, lora_B)
-    check(x.dtype == weight.dtype, f"x is {x.dtype} but the frozen weight is {weight.dtype}")
     p = float(dropout_p) if training else 0.0
+    dev = x.device
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(dev.type):
+        return _lora_linear_slow(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, p, seed)
+    # checks and the backend choice, once per signature: what they read cannot change between calls
+    forced = backend.get_backend()
+    key = (forced, x.shape[-1:], x.dtype, dev, weight.shape, weight.dtype, weight.device, lora_A.shape, lora_A.dtype,
+           lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
+           None if bias is None else (bias.shape, bias.dtype, bias.device), dropout_p, p > 0.0,
+           p > 0.0 and x.numel() > 2**31 - 1, None if forced is None else os.environ.get("TRITON_INTERPRET"))
+    impl = _PLANS.get(key)
+    if impl is None:
+        _validate(x, weight, bias, lora_A, lora_B, dropout_p)
+        if x.dtype != weight.dtype:
+            raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+        impl = _PLANS[key] = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
+    else:
+        backend._LAST[OP] = impl.backend
+    cfg = (float(scaling), p, seed, impl)
+    if functorch_active():
+        return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, cfg)
+    return _lora_apply(x, weight, bias, lora_A, lora_B, cfg)
+
+
+def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, seed):
+    """Under torch.compile (the custom ops) or autocast (inputs cast as nn.Linear casts them)."""
+    _validate(x, weight, bias, lora_A, lora_B, dropout_p)
+    x, weight, bias, lora_A, lora_B = cast_for_autocast(x.device.type, x, weight, bias, lora_A, lora_B)
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+    if not torch.compiler.is_compiling():
+        impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
+        return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, (scaling, p, seed, impl))
     if p > 0.0 and seed is None:
         seed = new_seed()
+    n, k = weight.shape
     lead = x.shape[:-1]
-    y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0))
+    y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, int(seed or 0))
     return y.reshape(*lead, n)
 
 

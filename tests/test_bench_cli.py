@@ -221,3 +221,13 @@ def test_wrong_fastpeft_result_fails_the_run(monkeypatch, tmp_path, capsys):
     fast = [c for c in doc["cases"] if c["provider"] == "fastpeft"]
     assert all(c["status"] == "fail" and c["check"]["status"] == "fail" for c in fast)
     assert all(c["median_ms"] is None for c in fast)  # a wrong result is never timed
+
+
+def test_tiny_run_reports_saved_for_backward_memory(tiny_run):
+    _, doc, out = tiny_run
+    rows = {r["case"]: r for r in doc["memory"]}
+    for case in ("lora", "lora_dropout", "ia3", "prefix", "prompt", "ptuning"):
+        r = rows[case]
+        assert r["fastpeft"] > 0 and r["peft"] > 0 and r["floor"] > 0
+    text = "\n".join(p.read_text() for p in out.iterdir() if p.suffix in (".txt", ".md"))
+    assert "saved for backward" in text and "LoRA r16 all-linear, dropout 0.05" in text

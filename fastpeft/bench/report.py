@@ -92,6 +92,10 @@ def text_table(doc: dict) -> str:
 
         out += ["", "Host overhead per layer call, µs (CPU, one thread; Triton launches stubbed out)",
                 overhead_table(doc["overhead"])]
+    if doc.get("memory"):
+        from .saved_bytes import format_rows
+
+        out += ["", "Memory: " + format_rows(doc["memory"])]
     out.append("")
     if doc["failures"]:
         out.append(f"FAILED: {len(doc['failures'])} fastpeft result(s) wrong or broken:")
@@ -115,6 +119,10 @@ def markdown(doc: dict) -> str:
 
         out += ["", "## Host overhead per layer call, µs (CPU, one thread; Triton launches stubbed out)", "", "```",
                 overhead_table(doc["overhead"]), "```"]
+    if doc.get("memory"):
+        from .saved_bytes import format_rows
+
+        out += ["", "## Memory", "", "```", format_rows(doc["memory"]), "```"]
     out += ["", "Ratios are times: `/ frozen` against the frozen floor of the same case, `/ PEFT` against "
             "PEFT eager (below 1 is faster).", ""]
     if doc["failures"]:

@@ -271,7 +271,15 @@ def run_suite(s: Settings, progress: Callable[[str], None] = _stderr) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             overhead = measure_overhead(rounds=3 if s.quick else 7, calls=30 if s.quick else 100)
-    return {"overhead": overhead, "schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
+    memory = None
+    if have_peft:  # saved-for-backward bytes: measured on any machine, no allocator needed
+        from .saved_bytes import memory_rows
+
+        progress("saved-for-backward bytes per method (tiny Llama, 2x64 tokens) ...\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            memory = memory_rows()
+    return {"overhead": overhead, "memory": memory, "schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
             "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
             **environment(s.device), "cpu_reference": s.device != "cuda", "peft_available": have_peft,
             "notes": notes, "settings": s.to_json(), "cases": records, "ok": not fails, "failures": fails}

@@ -577,3 +577,35 @@ def test_save_pretrained_into_a_full_disk_names_the_path_and_keeps_the_old_adapt
     assert info.value.errno == errno_mod.ENOSPC
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before, "a failed save left partial files or changed the old adapter"
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_adapters_on_a_float64_model_are_float64_as_in_peft(method):
+    import peft as hf_peft
+
+    from tests.models import tiny_llama
+    from tests.peft_parity import peft_config
+
+    cfg = (fastpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]) if method == "lora"
+           else fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    ours = fastpeft.get_peft_model(tiny_llama(seed=0).double(), cfg)
+    theirs = hf_peft.get_peft_model(tiny_llama(seed=0).double(), peft_config(cfg))
+    key = "lora_" if method == "lora" else "ia3_l"
+    dt_ours = {p.dtype for n, p in ours.named_parameters() if key in n}
+    dt_theirs = {p.dtype for n, p in theirs.named_parameters() if key in n}
+    assert dt_ours == dt_theirs == {torch.float64}
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if key in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(1, 97, (2, 5))
+    before = ours(input_ids=ids).logits
+    base = ours.get_base_model()
+    weights = {n: p.clone() for n, p in base.named_parameters() if "base_layer" in n}
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(input_ids=ids).logits, before, rtol=1e-10, atol=1e-10)  # fp64 end to end
+    ours.unmerge_adapter()
+    tol = 1e-12 if method == "lora" else 2e-8  # IA3 unmerges by 1 / (l + 1e-8), as PEFT does
+    for n, p in base.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=tol, atol=tol)

@@ -144,3 +144,14 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._current()(*args, **kwargs)
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT gives a new adapter: float64 on a float64 base, float32 otherwise (fp16/bf16 bases
+    keep fp32 adapters, PEFT's autocast_adapter_dtype; quantised / integer bases too)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Merging arithmetic: at least float32, float64 for a float64 base (no rounding through fp32)."""
+    return torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import ia3_linear
-from ._base import AdapterLayer
+from ._base import AdapterLayer, adapter_dtype, merge_dtype
 
 
 class IA3Linear(AdapterLayer):
@@ -24,7 +24,9 @@ class IA3Linear(AdapterLayer):
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         device = self.base_layer.weight.device
-        value = torch.ones(shape, device=device) if init_ia3_weights else torch.randn(shape, device=device)
+        dtype = adapter_dtype(self.base_layer.weight)
+        value = (torch.ones(shape, device=device, dtype=dtype) if init_ia3_weights
+                 else torch.randn(shape, device=device, dtype=dtype))
         self.ia3_l[adapter_name] = nn.Parameter(value)
 
     def _scale(self, names: list[str]) -> torch.Tensor:
@@ -52,17 +54,18 @@ class IA3Linear(AdapterLayer):
         return ia3_linear(x, self.base_weight_nk(), self.base_layer.bias, self._scale(active), self.is_feedforward)
 
     def _apply_scale(self, name: str, inverse: bool) -> None:
-        l = self.ia3_l[name].detach().float().reshape(-1)
+        acc = merge_dtype(self.base_layer.weight)
+        l = self.ia3_l[name].detach().to(acc).reshape(-1)
         if inverse:
             l = 1.0 / (l + 1e-8)
         w = self.base_layer.weight
         with torch.no_grad():
-            wn = w.data.float().t() if self.fan_in_fan_out else w.data.float()  # (out, in)
+            wn = w.data.to(acc).t() if self.fan_in_fan_out else w.data.to(acc)  # (out, in)
             wn = wn * (l[None, :] if self.is_feedforward else l[:, None])
             w.data = (wn.t() if self.fan_in_fan_out else wn).contiguous().to(w.dtype)
             b = self.base_layer.bias
             if b is not None and not self.is_feedforward:
-                b.data = (b.data.float() * l).to(b.dtype)
+                b.data = (b.data.to(acc) * l).to(b.dtype)
 
     def _merge_one(self, name: str) -> None:
         self._apply_scale(name, inverse=False)

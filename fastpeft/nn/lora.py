@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
-from ._base import AdapterLayer
+from ._base import AdapterLayer, adapter_dtype, merge_dtype
 
 
 class LoraLinear(AdapterLayer):
@@ -33,9 +33,9 @@ class LoraLinear(AdapterLayer):
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {r!r}")
         weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": torch.float32 if not weight.is_floating_point() else None}
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=factory["device"])
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=factory["device"])
+        dtype = adapter_dtype(weight)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -124,7 +124,8 @@ class LoraLinear(AdapterLayer):
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B·A in the base weight's layout (transposed for Conv1D) and dtype."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        delta = (b.float() @ a.float()) * self.scaling[name]
+        acc = merge_dtype(self.base_layer.weight)
+        delta = (b.to(acc) @ a.to(acc)) * self.scaling[name]
         if self.fan_in_fan_out:
             delta = delta.t()
         return delta.to(self.base_layer.weight.dtype)
@@ -132,12 +133,14 @@ class LoraLinear(AdapterLayer):
     def _merge_one(self, name: str) -> None:
         w = self.base_layer.weight
         with torch.no_grad():
-            w.data = (w.data.float() + self.get_delta_weight(name).float()).to(w.dtype)
+            acc = merge_dtype(w)
+            w.data = (w.data.to(acc) + self.get_delta_weight(name).to(acc)).to(w.dtype)
 
     def _unmerge_one(self, name: str) -> None:
         w = self.base_layer.weight
         with torch.no_grad():
-            w.data = (w.data.float() - self.get_delta_weight(name).float()).to(w.dtype)
+            acc = merge_dtype(w)
+            w.data = (w.data.to(acc) - self.get_delta_weight(name).to(acc)).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -94,7 +94,8 @@ def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, pa
     """Greedy decoding by full forwards with no cache at all: the ground truth a cached `generate` must equal
     token for token.  Mirrors `generate`'s bookkeeping: the attention mask grows by one each step, position ids
     are the running count of real tokens (`positions=False` for prompt learning, whose forward takes none),
-    and a row that has emitted an end-of-sequence id (the model's generation config) is padded with `pad`.
+    and a row that has emitted an end-of-sequence id (the model's generation config) is padded with `pad`;
+    decoding stops when every row has.
     Returns (sequences, per-step logits)."""
     eos = torch.tensor(_eos_ids(model), dtype=torch.long)
     seq, mask = ids, mask
@@ -109,4 +110,6 @@ def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, pa
             scores.append(logits)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if bool(done.all()):  # generate stops once every row has finished
+                break
     return seq, torch.stack(scores)

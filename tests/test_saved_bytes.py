@@ -86,14 +86,17 @@ def test_lora_dropout_keeps_no_mask(torch_rows):
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
-def test_triton_path_saves_what_the_torch_path_saves(torch_rows):
+def test_triton_path_saves_no_more_than_peft_for_every_method():
+    names = [c.name for c in sb.CASES]
     with fastpeft.use_backend("triton"):
-        rows = sb.memory_rows(["lora", "lora_dropout", "ia3_output", "ia3_input"], B=1, T=16)
+        rows = sb.memory_rows(names, B=1, T=16)
+        assert fastpeft.backend.last_backend("prefix_attention") == "triton"
     with fastpeft.use_backend("torch"):
-        same = {r["case"]: r for r in sb.memory_rows(["lora", "lora_dropout", "ia3_output", "ia3_input"], B=1, T=16)}
+        same = {r["case"]: r for r in sb.memory_rows(names, B=1, T=16)}
     for r in rows:
         assert r["fastpeft"] <= r["peft"], f"triton {r['case']}: {r['fastpeft']} > PEFT {r['peft']}"
-        assert r["fastpeft"] == same[r["case"]]["fastpeft"], f"triton and torch paths save differently: {r['case']}"
+        if r["case"].startswith(("lora", "ia3")):  # the fused GEMMs keep exactly what the torch path keeps
+            assert r["fastpeft"] == same[r["case"]]["fastpeft"], f"triton and torch paths save differently: {r['case']}"
 
 
 def test_format_rows_names_every_case(torch_rows):

@@ -28,6 +28,25 @@ def check_float(name: str, t: torch.Tensor) -> None:
     check(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
 
 
+def check_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     **params: torch.Tensor) -> tuple[int, int]:
+    """The checks every adapted projection shares (floating tensors on one device, a 2-D (N, K)
+    weight, x with K features, bias (N,)); returns (N, K)."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    for name, t in (("x", x), ("weight", weight), *params.items()):
+        check_float(name, t)
+    check_same_device(x=x, weight=weight, bias=bias, **params)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the layer's in_features is {k}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+    return n, k
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check_float, functorch_active, gpu_kernel_supports, raw_apply
+from ._common import cast_for_autocast, check_float, check_projection, functorch_active, gpu_kernel_supports, raw_apply
 
 OP = "ia3_linear"
 
@@ -191,24 +191,11 @@ _ia3_fwd.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- public API
 def _validate(x, weight, bias, ia3_l, feedforward) -> None:
-    for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
-        check_float(name, t)
-    devices = {"x": x.device, "weight": weight.device, "ia3_l": ia3_l.device}
-    if bias is not None:
-        devices["bias"] = bias.device
-    if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features but the layer's in_features is {k}")
+    n, k = check_projection(x, weight, bias, ia3_l=ia3_l)
     want = k if feedforward else n
     if ia3_l.numel() != want:
         what = "in_features (feed-forward input scaling)" if feedforward else "out_features (output scaling)"
         raise ValueError(f"ia3_l has {ia3_l.numel()} elements but the layer's {what} is {want}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},)")
 
 
 _PLANS: dict[tuple, backend.Impl] = {}

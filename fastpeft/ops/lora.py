@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check_float, dense, functorch_active, gpu_kernel_supports, raw_apply
+from ._common import cast_for_autocast, check_float, check_projection, dense, functorch_active, gpu_kernel_supports, raw_apply
 from ._random import dropout_keep, new_seed
 
 OP = "lora_linear"
@@ -304,20 +304,7 @@ _lora_fwd.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------- public API
 def _validate(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
     """The argument checks, each message naming what is wrong; run once per distinct signature."""
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension")
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        check_float(name, t)
-    devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
-    if bias is not None:
-        devices["bias"] = bias.device
-    if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but the layer's in_features is {k}")
+    n, k = check_projection(x, weight, bias, lora_A=lora_A, lora_B=lora_B)
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)} but the layer's in_features is {k}; expected (r, {k})")
     r = lora_A.shape[0]
@@ -325,8 +312,6 @@ def _validate(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
         raise ValueError("LoRA rank must be >= 1")
     if tuple(lora_B.shape) != (n, r):
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; expected (out_features, r) = ({n}, {r})")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 

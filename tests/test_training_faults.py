@@ -555,3 +555,50 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert results == [f"preempted 2 {checkpoint}"] * 2
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000002"]
     assert read_state(checkpoint)["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- a kill at any file operation
+class _Kill(BaseException):
+    """Stands for SIGKILL: raised at the k-th file operation, and again at every later one, so no
+    cleanup code gets to run either (a killed process runs none)."""
+
+
+def test_a_kill_after_any_file_operation_of_a_checkpoint_leaves_a_resumable_folder(tmp_path, monkeypatch,
+                                                                                   reference):
+    import shutil
+
+    ops = {"os.replace": (os, "replace"), "os.makedirs": (os, "makedirs"), "os.rename": (os, "rename"),
+           "shutil.rmtree": (shutil, "rmtree"), "write_bytes": (ckpts, "_write_bytes")}
+    real = {name: getattr(mod, attr) for name, (mod, attr) in ops.items()}
+    k = 0
+    while True:
+        k += 1
+        out = tmp_path / f"run{k}"
+        calls = [0]
+
+        def make(name):
+            def op(*args, **kwargs):
+                if any(str(out) in str(a) for a in args):  # only this run's files count
+                    calls[0] += 1
+                    if calls[0] >= k:
+                        raise _Kill(name)
+                return real[name](*args, **kwargs)
+            return op
+
+        for name, (mod, attr) in ops.items():
+            monkeypatch.setattr(mod, attr, make(name))
+        try:
+            Trainer(build_preset("tiny"), _args(out), _records(), peft_config=_lora()).train()
+            killed = False
+        except _Kill:
+            killed = True
+        finally:
+            monkeypatch.undo()
+        if not killed:
+            break  # k passed the number of file operations a whole run performs
+        resume = "latest" if ckpts.list_checkpoints(str(out)) else None
+        resumed = Trainer(build_preset("tiny"), _args(out, resume=resume), _records(), peft_config=_lora())
+        resumed.train()
+        _assert_same(_params(resumed.model), reference)
+    print(f"killed at each of {k - 1} file operations")
+    assert k > 10, f"only {k - 1} file operations were seen: the patching missed the checkpoint writes"

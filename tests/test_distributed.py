@@ -2,13 +2,13 @@
 WORLD_SIZE / MASTER_PORT) end with identical adapters, equal to one process on the same global batch."""
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from tests.utils import launch_ranks
 
 WORKER = textwrap.dedent('''
     import json, sys, torch
@@ -31,33 +31,8 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script, out, batch_size, world):
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(batch_size)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    logs = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed training timed out")
-        assert p.returncode == 0, stderr[-3000:]
-        logs.append(stderr)
-    return logs
+    return [stderr for _, stderr in launch_ranks(script, [out, batch_size], world)]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

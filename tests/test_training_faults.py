@@ -26,6 +26,7 @@ from fastpeft.training.preemption import TrainingPreempted
 from fastpeft.training.runlock import LOCK_NAME, RunLockedError, acquire_run_lock, release_run_lock
 from fastpeft.training.tokenizer import ByteTokenizer
 from fastpeft.training.trainer import NonFiniteLossError
+from tests.utils import launch_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -532,25 +533,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     out = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed training timed out")
-        assert p.returncode == 0, stderr[-3000:]
-        results.append(stdout.strip().splitlines()[-1])
+    results = [stdout.strip().splitlines()[-1] for stdout, _ in launch_ranks(script, [out], world=2)]
     checkpoint = str(out / "checkpoint-000002")
     assert results == [f"preempted 2 {checkpoint}"] * 2
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000002"]

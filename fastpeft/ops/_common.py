@@ -87,8 +87,10 @@ def gpu_kernel_supports(*tensors: torch.Tensor | None, forced: bool) -> str | No
 def raw_apply(cls: type):
     """`cls.apply` for an autograd.Function minus `Function.apply`'s per-call Python (signature
     inspection, a walk over the arguments for functorch): the C++ apply, which is all an eager call
-    needs while no functorch transform is active (check `functorch_active()` first)."""
-    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+    needs while no functorch transform is active (check `functorch_active()` first).  These are
+    private torch APIs: where a torch release lacks them, the public `cls.apply` serves."""
+    raw = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
+    return raw.__get__(None, cls) if raw is not None else cls.apply
 
 
-functorch_active = torch._C._are_functorch_transforms_active
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)

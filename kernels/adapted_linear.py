@@ -94,6 +94,16 @@ def _mma(a, b, acc, FP32: tl.constexpr, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _seed(seed, SEED_PTR: tl.constexpr):
+    """The dropout seed: a scalar argument, or (SEED_PTR) read from a one-element int64 tensor, so
+    the seed can live on the device (drawn there without a host sync; a CUDA graph replays it)."""
+    if SEED_PTR:
+        return tl.load(seed)
+    else:
+        return seed
+
+
 # --------------------------------------------------------------------------------------- GEMM
 # C[M, N] = (A ∘ in_scale)[M, K] · B[K, N]  (+ lr_scale · S[M, R] · L[R, N], dropout on that term)
 #           (+ bias[N]), then ∘ out_scale[N]; the low-rank term is one extra rank-R K-step done
@@ -113,7 +123,7 @@ def adapted_linear_kernel(
     lr_scale, seed, p_drop, drop_scale,
     HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
     STORE_PRE: tl.constexpr,
-    LR_DROPOUT: tl.constexpr, GRAD_MODE: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+    LR_DROPOUT: tl.constexpr, GRAD_MODE: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr, SEED_PTR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LR_FP32: tl.constexpr, LR_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -155,7 +165,7 @@ def adapted_linear_kernel(
             acc = _mma(s, lo, acc, LR_FP32, LR_PRECISION)
         if LR_DROPOUT:
             # the mask of the (M, N) output elements: the dropout of x seen from dX = ... + drop(dS·A)
-            keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) > p_drop
+            keep = tl.rand(_seed(seed, SEED_PTR), offs_m[:, None] * N + offs_n[None, :]) > p_drop
             acc = tl.where(keep, acc * drop_scale, 0.0)
 
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -212,7 +222,7 @@ def lowrank_shrink_kernel(
     stride_xm, stride_xk, stride_wk, stride_wr, stride_sm, stride_sr,
     stride_tm, stride_tr, stride_ok, stride_or,
     scale, dual_scale, seed, p_drop,
-    DROPOUT: tl.constexpr, HAS_DUAL: tl.constexpr, R_PAD: tl.constexpr, LR_FP32: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DUAL: tl.constexpr, R_PAD: tl.constexpr, SEED_PTR: tl.constexpr, LR_FP32: tl.constexpr,
     LR_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -238,7 +248,7 @@ def lowrank_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
-            keep = tl.rand(seed, offs_m[:, None] * K + kk[None, :]) > p_drop
+            keep = tl.rand(_seed(seed, SEED_PTR), offs_m[:, None] * K + kk[None, :]) > p_drop
             x = tl.where(keep, x, 0.0).to(dot_dtype)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + offs_r[None, :] * stride_wr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -265,8 +275,8 @@ def lowrank_reduce_kernel(
     M, K, R, M_BUCKET,
     stride_tm, stride_tr, stride_xm, stride_xk, stride_or, stride_ok,
     scale, seed, p_drop,
-    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, LR_FP32: tl.constexpr, LR_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, SEED_PTR: tl.constexpr, LR_FP32: tl.constexpr,
+    LR_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -285,7 +295,7 @@ def lowrank_reduce_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
-            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) > p_drop
+            keep = tl.rand(_seed(seed, SEED_PTR), offs_m[:, None] * K + offs_k[None, :]) > p_drop
             x = tl.where(keep, x, 0.0).to(dot_dtype)
         t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -377,6 +387,15 @@ def launch(kernel, grid, key: tuple, args: tuple, meta: dict) -> None:
     fn[grid_now](*args, **kwargs)
 
 
+def _seed_arg(seed):
+    """A seed as the kernels take it: a Python int, or a one-element int64 tensor on the device."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a dropout seed tensor must be one int64 element, got {seed.dtype} {tuple(seed.shape)}")
+        return seed
+    return int(seed)
+
+
 def _dtypes(*tensors: torch.Tensor) -> tuple:
     return tuple(t.dtype for t in tensors)
 
@@ -413,12 +432,13 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
     r_pad = rank_pad(r)
     meta = dict(HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
                 HAS_LR=lowrank is not None, STORE_PRE=pre is not None, LR_DROPOUT=lowrank is not None and p > 0.0,
-                GRAD_MODE=mode, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), DOT_PRECISION=dot_precision(a.dtype),
+                GRAD_MODE=mode, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), SEED_PTR=isinstance(seed, torch.Tensor),
+                DOT_PRECISION=dot_precision(a.dtype),
                 **lowrank_mode(a.dtype, adapter_dtype))
     args = (a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t, m, n, k, r, m_bucket(m),
             a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), *s_strides,
             stride_lr, stride_ln, *aux_strides, *((pre.stride(0), pre.stride(1)) if pre is not None else (0, 0)),
-            float(lr_scale), int(seed), float(p), 1.0 / (1.0 - p))
+            float(lr_scale), _seed_arg(seed), float(p), 1.0 / (1.0 - p))
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
@@ -430,7 +450,7 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
 
 
 def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: float, adapter_dtype: torch.dtype,
-           *, p: float = 0.0, seed: int = 0, dual: tuple | None = None) -> torch.Tensor:
+           *, p: float = 0.0, seed: int | torch.Tensor = 0, dual: tuple | None = None) -> torch.Tensor:
     """fp32 S = scale·dropout(x)·W for W (K, r) given as (tensor, stride_k, stride_r); dual =
     (t (M, r), out fp32 (K, r) zero-filled, dual_scale) also accumulates out += dual_scale·xᵀ·t."""
     m, k = x.shape
@@ -441,9 +461,10 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
     t, out, dual_scale = dual if dual is not None else (dummy, dummy, 0.0)
     t_strides = t.stride() if dual is not None else (0, 0)
     o_strides = out.stride() if dual is not None else (0, 0)
-    meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype))
+    meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), SEED_PTR=isinstance(seed, torch.Tensor),
+                **lowrank_mode(x.dtype, adapter_dtype))
     args = (x, w, s, t, out, m, k, r, m_bucket(m), x.stride(0), x.stride(1), stride_wk, stride_wr,
-            s.stride(0), s.stride(1), *t_strides, *o_strides, float(scale), float(dual_scale), int(seed), float(p))
+            s.stride(0), s.stride(1), *t_strides, *o_strides, float(scale), float(dual_scale), _seed_arg(seed), float(p))
 
     def grid(meta):
         blocks_m = _cdiv(m, meta["BLOCK_M"])
@@ -455,15 +476,16 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
 
 
 def reduce_rows(t: torch.Tensor, x: torch.Tensor, scale: float, adapter_dtype: torch.dtype, *, p: float = 0.0,
-                seed: int = 0) -> torch.Tensor:
+                seed: int | torch.Tensor = 0) -> torch.Tensor:
     """fp32 (r, K) = scale·tᵀ·dropout(x) for t (M, r), x (M, K)."""
     m, k = x.shape
     r = t.shape[1]
     device = x.device
     out = torch.zeros((r, k), device=device, dtype=torch.float32)
-    meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), **lowrank_mode(x.dtype, adapter_dtype))
+    meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), SEED_PTR=isinstance(seed, torch.Tensor),
+                **lowrank_mode(x.dtype, adapter_dtype))
     args = (t, x, out, m, k, r, m_bucket(m), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1), float(scale), int(seed), float(p))
+            out.stride(0), out.stride(1), float(scale), _seed_arg(seed), float(p))
 
     def grid(meta):
         blocks_k = _cdiv(k, meta["BLOCK_K"])

@@ -1,27 +1,69 @@
-"""torch.compile(fullgraph=True) traces a whole fastpeft model of each method (no graph break),
-and the compiled forward and backward equal eager."""
+"""torch.compile(fullgraph=True) traces a whole fastpeft model for every method and every option
+that changes the code path (no graph break: fullgraph raises on one), the compiled forward and
+backward equal eager — dropout included, for the same torch.manual_seed — and steps of the same
+shape, or of varying sequence length under dynamic shapes, never recompile."""
 
 import pytest
 import torch
 
 import fastpeft
-from tests.models import tiny_llama
+from tests.models import tiny_gpt2, tiny_llama
 from tests.peft_parity import trainable
-from tests.utils import assert_close
+from tests.utils import assert_close, triton_device
 
+LORA = dict(r=4, target_modules="all-linear", init_lora_weights=False)
 CONFIGS = {
-    "lora": lambda: fastpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "lora": lambda: fastpeft.LoraConfig(**LORA),
+    "lora-dropout": lambda: fastpeft.LoraConfig(**LORA, lora_dropout=0.1),
+    "lora-rslora-bias": lambda: fastpeft.LoraConfig(**LORA, use_rslora=True, bias="lora_only", lora_dropout=0.1),
     "ia3": lambda: fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "prefix": lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prefix-projection": lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                             prefix_projection=True, encoder_hidden_size=16),
     "prompt": lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-    "ptuning": lambda: fastpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+    "ptuning-mlp": lambda: fastpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                         encoder_hidden_size=16),
+    "ptuning-lstm": lambda: fastpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                          encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
 }
 
 
+def _grads(model):
+    out = {n: p.grad.clone() for n, p in trainable(model).items() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _compare_train(model, step, inputs, backend="aot_eager", seed=1234, **compile_kw):
+    """Eager and compiled training steps from the same torch.manual_seed: equal loss and grads."""
+    torch.manual_seed(seed)
+    want = step(*inputs)
+    want.backward()
+    want_grads = _grads(model)
+    compiled = torch.compile(step, fullgraph=True, backend=backend, **compile_kw)  # raises on any graph break
+    torch.manual_seed(seed)
+    got = compiled(*inputs)
+    got.backward()
+    got_grads = _grads(model)
+    assert_close(got.reshape(1), want.reshape(1), torch.float32, what="loss")
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    for n in want_grads:
+        assert_close(got_grads[n], want_grads[n], torch.float32, scale=5, what=f"grad of {n}")
+    return compiled
+
+
+def _no_recompile(compiled, calls):
+    """Run `calls` (callables taking the compiled step) with recompilation turned into an error."""
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for call in calls:
+            call(compiled)
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_whole_model_compiles_fullgraph(method):
+def test_whole_model_compiles_fullgraph_training(method, one_thread):
     torch._dynamo.reset()
     model = fastpeft.get_peft_model(tiny_llama(seed=0), CONFIGS[method]())
+    model.train()
     ids = torch.randint(0, 97, (2, 6))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
@@ -29,18 +71,159 @@ def test_whole_model_compiles_fullgraph(method):
     def step(ids, mask):
         return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
 
-    def grads():
-        out = {n: p.grad.clone() for n, p in trainable(model).items()}
-        model.zero_grad(set_to_none=True)
-        return out
+    compiled = _compare_train(model, step, (ids, mask))
+    losses = []
 
-    want = step(ids, mask)
-    want.backward()
-    want_grads = grads()
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, mask)  # raises on any graph break
-    got.backward()
-    got_grads = grads()
-    assert_close(got.reshape(1), want.reshape(1), torch.float32, what="loss")
-    assert got_grads.keys() == want_grads.keys() and got_grads
-    for n in want_grads:
-        assert_close(got_grads[n], want_grads[n], torch.float32, scale=5, what=f"grad of {n}")
+    def again(c):
+        loss = c(ids, mask)
+        loss.backward()
+        losses.append(loss.item())
+        model.zero_grad(set_to_none=True)
+
+    _no_recompile(compiled, [again] * 3)
+    if "dropout" in method or "rslora" in method:
+        assert len(set(losses)) == 3, "each run of the compiled graph must draw a fresh dropout mask"
+
+
+@pytest.mark.parametrize("method", ["lora-dropout", "ia3", "prefix", "prompt"])
+def test_compiled_inference_fullgraph(method, one_thread):
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), CONFIGS[method]())
+    model.eval()
+    ids = torch.randint(0, 97, (2, 5))
+
+    def fwd(ids):
+        return model(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        want = fwd(ids)
+        compiled = torch.compile(fwd, fullgraph=True, backend="aot_eager")
+        assert_close(compiled(ids), want, torch.float32, what="logits")
+        _no_recompile(compiled, [lambda c: c(ids)] * 2)
+
+
+def test_conv1d_fan_in_fan_out_compiles(one_thread):
+    torch._dynamo.reset()
+    cfg = fastpeft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False,
+                              lora_dropout=0.1)
+    model = fastpeft.get_peft_model(tiny_gpt2(seed=0), cfg)
+    model.get_base_model().loss_type = "ForCausalLM"  # else transformers logs a warning dynamo cannot trace
+    model.train()
+    ids = torch.randint(0, 97, (2, 6))
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    _compare_train(model, step, (ids,))
+
+
+def test_two_adapters_and_set_adapter_compile(one_thread):
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.LoraConfig(**LORA))
+    model.add_adapter("other", fastpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                                   lora_dropout=0.1))
+    model.set_adapter("other")
+    model.train()
+    ids = torch.randint(0, 97, (2, 6))
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    _compare_train(model, step, (ids,))
+
+
+def test_dynamic_sequence_lengths_do_not_recompile(one_thread):
+    """10 training steps of varying sequence length: one graph (dynamic shapes), no recompilation."""
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), CONFIGS["lora-dropout"]())
+    model.train()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    lengths = [5, 9, 6, 12, 7, 8, 11, 10, 13, 6]
+    compiled(torch.randint(0, 97, (2, 4))).backward()  # the first call compiles
+    model.zero_grad(set_to_none=True)
+
+    def run(length):
+        def call(c):
+            torch.manual_seed(length)
+            ids = torch.randint(0, 97, (2, length))
+            got = c(ids)
+            got.backward()
+            got_grads = _grads(model)
+            torch.manual_seed(length)
+            ids = torch.randint(0, 97, (2, length))
+            want = step(ids)
+            want.backward()
+            want_grads = _grads(model)
+            assert_close(got.reshape(1), want.reshape(1), torch.float32, what=f"loss at length {length}")
+            for n in want_grads:
+                assert_close(got_grads[n], want_grads[n], torch.float32, scale=5, what=f"grad of {n}")
+        return call
+
+    _no_recompile(compiled, [run(n) for n in lengths])
+
+
+def test_compiled_under_gradient_checkpointing_equals_eager(one_thread):
+    """Activation checkpointing inside the compiled graph recomputes the LoRA forward in the
+    backward: the ops are pure functions of their seed tensor, so the mask is the forward's."""
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), CONFIGS["lora-dropout"]())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers' input-grad hook (`requires_grad_()` on the embeddings) is for reentrant
+    # checkpointing only, and dynamo refuses it
+    model.get_base_model().disable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 97, (2, 6))
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    _compare_train(model, step, (ids,))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_inductor_dropout_step_equals_eager(backend_name, one_thread):
+    """The real compiler (inductor) on the LoRA dropout step: with `fallback_random` (inductor's
+    switch for drawing random numbers as eager does) the compiled step equals eager bit for bit in
+    its masks; the Triton kernels run through the interpreter on the CPU."""
+    if backend_name == "triton":
+        if triton_device() != "cpu":
+            pytest.skip("the GPU run of this case is in the gpu tests")
+        fastpeft.set_backend("triton")
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                            init_lora_weights=False, lora_dropout=0.1))
+    model.train()
+    ids = torch.randint(0, 97, (2, 6))
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    with inductor_config.patch(fallback_random=True):
+        _compare_train(model, step, (ids,), backend="inductor")
+
+
+def test_traceable_lstm_equals_nn_lstm():
+    """P-tuning's LSTM encoder under compile runs in plain ops: same outputs and grads as nn.LSTM,
+    same parameter names (PEFT's files), same repr."""
+    from fastpeft.prompt_learning.encoders import LSTM, traceable_lstm
+
+    for batch_first, shape in ((True, (3, 5, 12)), (False, (5, 3, 12)), (True, (5, 12))):
+        ref = torch.nn.LSTM(12, 7, num_layers=2, bidirectional=True, batch_first=batch_first)
+        ours = LSTM(12, 7, num_layers=2, bidirectional=True, batch_first=batch_first)
+        ours.load_state_dict(ref.state_dict())
+        assert repr(ours) == repr(ref) and list(ours.state_dict()) == list(ref.state_dict())
+        x = torch.randn(*shape, requires_grad=True)
+        want = ref(x)[0]
+        want_grads = torch.autograd.grad(want.square().sum(), [x, *ref.parameters()])
+        assert torch.equal(ours(x)[0], want)  # eager: nn.LSTM's own kernel
+        got = traceable_lstm(ours, x)
+        got_grads = torch.autograd.grad(got.square().sum(), [x, *ours.parameters()])
+        assert_close(got, want, torch.float32, what="lstm output")
+        for g, w in zip(got_grads, want_grads):
+            assert_close(g, w, torch.float32, scale=5, what="lstm grad")

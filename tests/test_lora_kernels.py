@@ -166,3 +166,27 @@ def test_lora_torch_compile_fullgraph():
     for name, g, g_ref in zip(("dx", "dA", "dB"), grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         assert_close(g, g_ref, BF16, scale=2.0, what=f"compiled {name}")
 
+
+
+def test_lora_kernels_take_a_device_seed_tensor():
+    """A seed living in a one-element int64 tensor (drawn on the device: no host sync, replayable in a
+    CUDA graph) draws the very mask of the same integer seed, forward and backward."""
+    from fastpeft.kernels.lora import lora_backward, lora_forward
+
+    device = triton_device()
+    x, w, b = linear_inputs(device, 37, 24, 20, torch.float32)[:3]
+    a = torch.randn(4, 24, device=device) * 0.3
+    bb = torch.randn(20, 4, device=device) * 0.3
+    seed = 123457
+    y_int, s_int = lora_forward(x, w, b, a, bb, 0.5, 0.3, seed)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    y_t, s_t = lora_forward(x, w, b, a, bb, 0.5, 0.3, seed_t)
+    assert torch.equal(y_int, y_t) and torch.equal(s_int, s_t)
+    dy = torch.randn_like(y_int)
+    for g_int, g_t in zip(lora_backward(dy, x, w, a, bb, s_int, 0.5, 0.3, seed),
+                          lora_backward(dy, x, w, a, bb, s_t, 0.5, 0.3, seed_t)):
+        assert torch.equal(g_int, g_t)
+    want_y, _ = lora_op.reference_forward(x, w, b, a, bb, 0.5, 0.3, seed)
+    assert_close(y_t, want_y, torch.float32, what="y with a tensor seed")
+    with pytest.raises(ValueError, match="one int64 element"):
+        lora_forward(x, w, b, a, bb, 0.5, 0.3, seed_t.to(torch.int32))

@@ -9,7 +9,7 @@ import torch
 import fastpeft
 from fastpeft.ops import ia3_linear, lora_linear, prefix_attention, soft_prompt_embed
 from fastpeft.ops import lora as lora_op
-from fastpeft.ops._random import dropout_keep
+from fastpeft.ops._random import dropout_keep, new_seed
 from tests.utils import assert_close
 
 
@@ -63,8 +63,9 @@ class _FixedMask(torch.nn.Module):
 
 
 def test_lora_torch_dropout_matches_peft_given_the_same_mask():
-    """With no seed the torch path draws its mask from the default generator; given that mask,
-    output and gradients equal PEFT's layer (and torch.manual_seed reproduces the draw)."""
+    """With no seed the torch path draws a seed from the default generator and its mask from a
+    generator seeded with it; given that mask, output and gradients equal PEFT's layer (and
+    torch.manual_seed reproduces the draw)."""
     import peft
 
     base = torch.nn.Sequential(torch.nn.Linear(24, 20))
@@ -79,7 +80,7 @@ def test_lora_torch_dropout_matches_peft_given_the_same_mask():
     theirs.train()
     x = torch.randn(2, 7, 24)
     torch.manual_seed(99)
-    gen = torch.Generator().set_state(torch.get_rng_state())
+    gen = torch.Generator().manual_seed(new_seed())
     keep = lora_op.keep_mask(14, 24, 0.3, gen, torch.device("cpu"), torch.float32)
     assert 0.5 < keep.mean().item() < 0.9 and set(keep.unique().tolist()) == {0.0, 1.0}
     theirs.base_model.model[0].lora_dropout["default"] = _FixedMask(keep.reshape(2, 7, 24) / 0.7)
@@ -269,3 +270,39 @@ def test_ia3_gradcheck_with_trained_weight(feedforward):
     b = torch.randn(5, dtype=d, requires_grad=True)
     l = (torch.rand((1, 8) if feedforward else (5, 1), dtype=d) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda *t: ia3_linear(*t, feedforward), (x, w, b, l))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "gqa-mask", "index-decode"])
+def test_prefix_attention_cpu_fused_path_equals_reference(dtype, case):
+    """The CPU production path (torch's fused CPU flash attention over [prefix; keys]) against the
+    reference that defines the op: forward, lse and every gradient, odd shapes."""
+    import importlib
+
+    pa = importlib.import_module("fastpeft.ops.prefix_attention")
+
+    B, Hq, Hkv, T, S, D, P = 3, 4, (2 if case == "gqa-mask" else 4), 5, 5, 12, 3
+    if case == "index-decode":
+        T, S = 1, 7
+    q = torch.randn(B, Hq, T, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, S, D, dtype=dtype), torch.randn(B, Hkv, S, D, dtype=dtype)
+    index = torch.tensor([1, 0, 1]) if case == "index-decode" else None
+    shape = (2, Hkv, P, D) if index is not None else (Hkv, P, D)
+    pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    mask = None
+    if case == "gqa-mask":
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[1, :2] = False
+    scale = D ** -0.5
+    assert pa._fast(q, pk)
+    out, lse = pa.torch_forward(q, k, v, pk, pv, mask, index, True, scale)
+    want_out, want_lse = pa.reference_forward(q, k, v, pk, pv, mask, index, True, scale)
+    assert lse.dtype == torch.float32 and out.dtype == dtype
+    assert_close(out, want_out, dtype, what="out")
+    assert_close(lse, want_lse, dtype, what="lse")
+    dout = torch.randn_like(out)
+    got = pa.torch_backward(dout, q, k, v, pk, pv, mask, index, out, lse, True, scale)
+    want = pa.reference_backward(dout, q, k, v, pk, pv, mask, index, want_out, want_lse, True, scale)
+    for name, g, w in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert_close(g, w, dtype, scale=4, what=name)

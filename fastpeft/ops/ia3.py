@@ -152,22 +152,25 @@ def _(x, weight, bias, ia3_l, feedforward):
 
 
 @torch.library.custom_op("fastpeft::ia3_linear_bwd", mutates_args=())
-def _ia3_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+def _ia3_bwd(dy: torch.Tensor, x: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
              ia3_l: torch.Tensor, feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backend.select(OP, x, weight, None, ia3_l, feedforward)
+    impl = backend.select(OP, dy, weight, None, ia3_l, feedforward)
     dx, dl = impl.fns["backward"](dy, x, z, weight, None, ia3_l, feedforward, (True, True))
-    return dx.to(x.dtype).contiguous(), dl.contiguous()
+    return dx.to(dy.dtype).contiguous(), dl.contiguous()
 
 
 @_ia3_bwd.register_fake
 def _(dy, x, z, weight, ia3_l, feedforward):
-    return x.new_empty((dy.shape[0], weight.shape[1])), ia3_l.new_empty(ia3_l.shape)
+    return dy.new_empty((dy.shape[0], weight.shape[1])), ia3_l.new_empty(ia3_l.shape)
 
 
 def _setup(ctx, inputs, output):
     x, weight, bias, ia3_l, feedforward = inputs
-    # the op's backward reads x (input scaling) or z (output scaling); x also for a trained W
-    ctx.save_for_backward(x, output[1], weight, bias, ia3_l)
+    # as the eager path: input scaling keeps x (for dl), output scaling keeps z only (one M×N
+    # tensor, no second GEMM in the backward); x also, and only, for a trained W
+    needs = ctx.needs_input_grad
+    keep_x = needs[1] or (feedforward and needs[3])
+    ctx.save_for_backward(x if keep_x else None, output[1], weight, bias, ia3_l)
     ctx.feedforward = feedforward
 
 

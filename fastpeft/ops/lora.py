@@ -8,10 +8,11 @@ the backward re-draws the mask.  Two ways of drawing it:
 * the kernels and the "torch_philox" reference (the kernels' specification): a counter-based
   Philox stream from an integer seed (`fastpeft.ops._random`), identical bit for bit;
 * the production "torch" path: torch's own generator (`keep_mask`: 16 random bits per element,
-  Bernoulli(1-p) with p on a 2⁻¹⁶ grid, several times cheaper on a CPU than `bernoulli_`), drawn
-  from the default generator, whose state is kept (5 KiB on a CPU) to re-draw the mask in the
-  backward, or, given a `seed`, from a generator seeded with it.  torch.manual_seed governs it,
-  and gradient checkpointing (which restores the RNG state) re-draws the same mask.
+  Bernoulli(1-p) with p on a 2⁻¹⁶ grid, several times cheaper on a CPU than `bernoulli_`), from
+  a generator of the op's own seeded with the call's seed, re-seeded to re-draw it in the backward.
+The seed is the call's `seed`, or one drawn from torch's default generator: torch.manual_seed
+governs it, gradient checkpointing (which restores the RNG state) re-draws the same mask, and a
+compiled graph draws the same seed as a tensor (no `.item()`): eager and compiled runs agree.
 
 Eager calls run one plain `torch.autograd.Function` that calls the chosen backend directly;
 the `torch.library` custom ops are what `torch.compile` traces.
@@ -167,14 +168,17 @@ def _generator(device: torch.device) -> torch.Generator:
 
 def rng_token(impl: backend.Impl, p: float, seed: int | None, device: torch.device):
     """What the backward needs to re-draw the forward's dropout mask, and the generator the forward
-    draws from: (int seed, None) for the Philox backends; for the torch path the default CPU
-    generator's state (gen None: draw from the default generator, as nn.Dropout does) or a seed."""
+    draws from.  Always a seed (given, or drawn from torch's default generator, so torch.manual_seed
+    governs it and gradient checkpointing, which restores that generator, re-draws it): the Philox
+    backends take it as is (on a GPU as a device tensor: no host sync, replayable in a CUDA graph);
+    the torch path seeds a generator of its own with it.  The compiled path draws the same seed
+    inside the graph (`compiled_seed`), so eager and compiled runs draw the same masks."""
     if p <= 0.0:
         return 0, None
     if impl.backend != "torch":
-        return (new_seed() if seed is None else int(seed)), None
-    if seed is None and device.type == "cpu":
-        return torch.default_generator.get_state(), None
+        if seed is not None:
+            return int(seed), None
+        return (compiled_seed(device) if device.type == "cuda" else new_seed()), None
     seed = new_seed() if seed is None else int(seed)
     gen = _generator(device)
     gen.manual_seed(seed)
@@ -182,14 +186,11 @@ def rng_token(impl: backend.Impl, p: float, seed: int | None, device: torch.devi
 
 
 def replay(impl: backend.Impl, p: float, token, device: torch.device):
-    """The rng argument for `impl`'s backward: the generator re-set to the forward's draw, or the seed."""
+    """The rng argument for `impl`'s backward: the torch path's generator re-seeded, or the seed."""
     if p <= 0.0 or impl.backend != "torch":
         return token
     gen = _generator(device)
-    if isinstance(token, torch.Tensor):
-        gen.set_state(token)
-    else:
-        gen.manual_seed(token)
+    gen.manual_seed(token)
     return gen
 
 
@@ -252,13 +253,39 @@ _lora_apply = raw_apply(LoraLinearFn)  # Function.apply minus its per-call funct
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
+# Under torch.compile the dropout seed is a tensor drawn by `torch.randint` inside the traced graph
+# (so no `.item()`, no graph break, no host synchronisation, and a fresh seed on every run of the
+# graph), and the ops are pure functions of their inputs: the compiler may recompute, reorder or
+# deduplicate them (activation checkpointing) and always gets the same mask for the same seed.
+def compiled_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed for a traced graph: an int64 (1,) tensor from torch's generator for `device`
+    (the CPU's default generator for CPU inputs, the same draw eager makes: identical masks for
+    the Philox backends when inductor's `fallback_random` is set; on CUDA the device generator,
+    which a CUDA graph replays with a fresh value each step)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _seed_value(seed: torch.Tensor | None):
+    """The seed a backend takes from the ops' tensor: a Python int from a CPU tensor (no device
+    synchronisation), the device tensor itself for the kernels (they load it)."""
+    if seed is None:
+        return 0
+    return seed if seed.is_cuda else int(seed[0])
+
+
 def _compiled_rng(impl, p, seed, device):
-    return replay(impl, p, seed, device) if impl.backend == "torch" else seed
+    if p <= 0.0:
+        return None if impl.backend == "torch" else 0
+    value = _seed_value(seed)
+    if impl.backend == "triton":
+        return value
+    return replay(impl, p, int(value[0]) if isinstance(value, torch.Tensor) else value, device)
 
 
 @torch.library.custom_op("fastpeft::lora_linear_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-              lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+              lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, bias, lora_A, lora_B, dropout_p)
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng))
@@ -271,7 +298,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @torch.library.custom_op("fastpeft::lora_linear_bwd", mutates_args=())
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-              s: torch.Tensor, scaling: float, dropout_p: float, seed: int
+              s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = backend.select(OP, x, weight, None, lora_A, lora_B, dropout_p)
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
@@ -285,14 +312,14 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
 
 def _setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _ds):
-    x, weight, lora_A, lora_B, s = ctx.saved_tensors
-    dx, d_a, d_b = _lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed)
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    dx, d_a, d_b = _lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed)
     d_w = (dy.t() @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
     d_bias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, d_w, d_bias, d_a, d_b, None, None, None
@@ -362,11 +389,17 @@ def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, se
     if not torch.compiler.is_compiling():
         impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
         return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, (scaling, p, seed, impl))
-    if p > 0.0 and seed is None:
-        seed = new_seed()
+    if p <= 0.0:
+        seed_t = None
+    elif seed is None:
+        seed_t = compiled_seed(x.device)
+    elif isinstance(seed, torch.Tensor):
+        seed_t = seed.reshape(1).to(torch.int64)
+    else:
+        seed_t = torch.tensor([int(seed)], dtype=torch.int64)
     n, k = weight.shape
     lead = x.shape[:-1]
-    y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, int(seed or 0))
+    y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, seed_t)
     return y.reshape(*lead, n)
 
 

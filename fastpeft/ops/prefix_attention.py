@@ -13,11 +13,13 @@ the batch, and its gradient is reduced into the single (or per-task) prefix tens
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .. import backend
-from ._common import check, check_float, check_same_device, dense, gpu_kernel_supports, value_checks
+from ._common import (check, check_float, check_same_device, dense, functorch_active, gpu_kernel_supports, raw_apply,
+                      value_checks)
 
 OP = "prefix_attention"
 
@@ -91,7 +93,85 @@ def reference_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
 
 
-backend.register(OP, "torch", priority=0, forward=reference_forward, backward=reference_backward)
+# ----------------------------------------------------------------------------- production torch path
+# On a CPU: torch's fused flash-attention kernel for CPUs over [prefix; sequence] keys with the
+# visibility as an additive mask (what the model's own SDPA call costs), its logsumexp kept for a
+# backward through the matching fused kernel.  The concatenation is a temporary of each pass: only
+# q, k, v, the prefix itself, out and lse are kept for the backward, never the prefix expanded over
+# the batch.  Elsewhere (and for an empty prefix) the reference runs.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _fast(q, prefix_k) -> bool:
+    return (_FLASH_CPU is not None and _FLASH_CPU_BWD is not None and q.device.type == "cpu"
+            and prefix_k.shape[-2] > 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _additive_mask(q, k, attention_mask, causal, P):
+    """(B or 1, 1, T, P + S) additive mask in q's dtype: 0 where a key is seen, -inf elsewhere."""
+    T, S = q.shape[2], k.shape[2]
+    key = (T, S, P, causal, q.dtype)
+    base = _MASKS.get(key) if attention_mask is None else None
+    if base is not None:
+        return base
+    visible = _visible(q, k, attention_mask, causal, P)
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    if attention_mask is None:
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        _MASKS[key] = mask
+    return mask
+
+
+def _keys_cat(q, k, v, prefix_k, prefix_v, prefix_index):
+    """[prefix; k] and [prefix; v] with the key/value heads repeated for the query groups."""
+    B, Hq = q.shape[:2]
+    group = Hq // k.shape[1]
+    kk = torch.cat([_gather_prefix(prefix_k, prefix_index, B), k], dim=2)
+    vv = torch.cat([_gather_prefix(prefix_v, prefix_index, B), v], dim=2)
+    if group > 1:
+        kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+    return kk, vv
+
+
+def torch_forward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+    if not _fast(q, prefix_k):
+        return reference_forward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+    kk, vv = _keys_cat(q, k, v, prefix_k, prefix_v, prefix_index)
+    mask = _additive_mask(q, k, attention_mask, causal, prefix_k.shape[-2])
+    out, lse = _FLASH_CPU(q, kk, vv, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def torch_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal, scale):
+    if not _fast(q, prefix_k):
+        return reference_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+                                  causal, scale)
+    B, Hq, T, D = q.shape
+    Hkv, P, S = k.shape[1], prefix_k.shape[-2], k.shape[2]
+    group = Hq // Hkv
+    kk, vv = _keys_cat(q, k, v, prefix_k, prefix_v, prefix_index)
+    mask = _additive_mask(q, k, attention_mask, causal, P)
+    dq, dk_all, dv_all = _FLASH_CPU_BWD(dout.contiguous(), q, kk, vv, out, lse, 0.0, False, attn_mask=mask,
+                                        scale=scale)
+    if group > 1:  # fold the query-head groups back onto their key/value head
+        dk_all = dk_all.reshape(B, Hkv, group, P + S, D).sum(2)
+        dv_all = dv_all.reshape(B, Hkv, group, P + S, D).sum(2)
+    dk, dv = dk_all[:, :, P:], dv_all[:, :, P:]
+    if prefix_index is None:
+        dpk = dk_all[:, :, :P].sum(0, dtype=torch.float32)
+        dpv = dv_all[:, :, :P].sum(0, dtype=torch.float32)
+    else:
+        dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device).index_add_(
+            0, prefix_index, dk_all[:, :, :P].float())
+        dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device).index_add_(
+            0, prefix_index, dv_all[:, :, :P].float())
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+
+
+backend.register(OP, "torch", priority=0, forward=torch_forward, backward=torch_backward)
 
 
 @torch.library.custom_op("fastpeft::prefix_attention_fwd", mutates_args=())
@@ -138,11 +218,33 @@ def _backward(ctx, dout, _dlse):
 _pa_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                     prefix_v: torch.Tensor, *, causal: bool = True, attention_mask: torch.Tensor | None = None,
-                     prefix_index: torch.Tensor | None = None, scale: float | None = None,
-                     return_lse: bool = False):
-    """softmax(q·[prefix_k; k]ᵀ·scale + mask)·[prefix_v; v]; see the module docstring for shapes."""
+class PrefixAttentionFn(torch.autograd.Function):
+    """The eager path: one autograd node calling the chosen backend directly (the custom ops above
+    are what torch.compile traces).  Saves q, k, v, the prefix, the masks, out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, cfg):
+        causal, scale, impl = cfg
+        out, lse = impl.fns["forward"](q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse = ctx.saved_tensors
+        causal, scale, impl = ctx.cfg
+        grads = impl.fns["backward"](dout.contiguous(), q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
+                                     out, lse, causal, scale)
+        return (*grads, None, None, None)
+
+
+_pa_apply = raw_apply(PrefixAttentionFn)
+
+
+def _validate(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal) -> None:
+    """The checks that read shapes, dtypes and devices only (once per signature)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         check_float(name, t)
     check_same_device(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, attention_mask=attention_mask,
@@ -165,21 +267,57 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
               f"with prefix_index, prefix_k must have shape (num_prefixes, {Hkv}, P, {D}), got {tuple(prefix_k.shape)}")
         check(prefix_index.dtype in (torch.int32, torch.int64) and tuple(prefix_index.shape) == (B,),
               f"prefix_index must be an integer tensor of shape ({B},)")
-        n = prefix_k.shape[0]
-        if value_checks(prefix_index):
-            check(int(prefix_index.min()) >= 0 and int(prefix_index.max()) < n,
-                  f"prefix_index values must lie in [0, {n})")
-        prefix_index = prefix_index.long()
     if attention_mask is not None:
         check(tuple(attention_mask.shape) == (B, k.shape[2]),
               f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, kv_len) = ({B}, {k.shape[2]})")
         check(not attention_mask.is_floating_point(),
               f"attention_mask must be a boolean or integer padding mask (1 = attend), got {attention_mask.dtype}; "
               "an additive float mask would be read inverted")
-        attention_mask = attention_mask.bool()
     check(T <= k.shape[2] or not causal, f"causal attention needs kv_len ({k.shape[2]}) >= query length ({T})")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out, lse = _pa_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, bool(causal), scale)
+
+
+_PLANS: dict[tuple, backend.Impl] = {}
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                     prefix_v: torch.Tensor, *, causal: bool = True, attention_mask: torch.Tensor | None = None,
+                     prefix_index: torch.Tensor | None = None, scale: float | None = None,
+                     return_lse: bool = False):
+    """softmax(q·[prefix_k; k]ᵀ·scale + mask)·[prefix_v; v]; see the module docstring for shapes."""
+    causal = bool(causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    compiling = torch.compiler.is_compiling()
+    key = None
+    impl = None
+    if not compiling:
+        key = (backend.get_backend(), q.shape, q.dtype, q.device, q.stride(), k.shape, k.dtype, k.stride(), v.shape,
+               v.dtype, v.stride(), prefix_k.shape, prefix_k.dtype, prefix_k.device, prefix_v.shape, prefix_v.dtype,
+               None if attention_mask is None else (attention_mask.shape, attention_mask.dtype, attention_mask.device),
+               None if prefix_index is None else (prefix_index.shape, prefix_index.dtype, prefix_index.device),
+               causal, k.device, v.device, None if backend.get_backend() is None else os.environ.get("TRITON_INTERPRET"))
+        impl = _PLANS.get(key)
+    if impl is None:
+        _validate(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal)
+    if prefix_index is not None:
+        n = prefix_k.shape[0]
+        if value_checks(prefix_index):
+            lo, hi = torch.aminmax(prefix_index)
+            check(int(lo) >= 0 and int(hi) < n, f"prefix_index values must lie in [0, {n})")
+        if prefix_index.dtype != torch.long:
+            prefix_index = prefix_index.long()
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.bool()
+    if compiling:
+        out, lse = _pa_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+        return (out, lse) if return_lse else out
+    if impl is None:
+        impl = _PLANS[key] = backend.select(OP, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index)
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+    else:
+        backend._LAST[OP] = impl.backend
+    args = (q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, (causal, scale, impl))
+    out, lse = PrefixAttentionFn.apply(*args) if functorch_active() else _pa_apply(*args)
     return (out, lse) if return_lse else out
 
 

@@ -13,29 +13,33 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import check, check_same_device, value_checks
+from ._common import check, check_same_device, functorch_active, raw_apply, value_checks
 
 OP = "soft_prompt_embed"
 
 
 def _prompts(prompt_table, prompt_index, batch):
     if prompt_index is None:
-        return prompt_table.unsqueeze(0).expand(batch, *prompt_table.shape)
+        return prompt_table.expand(batch, prompt_table.shape[0], prompt_table.shape[1])
     return prompt_table[prompt_index]
 
 
 def reference_forward(input_ids, embedding_weight, prompt_table, prompt_index):
     words = F.embedding(input_ids, embedding_weight)
-    prompts = _prompts(prompt_table, prompt_index, input_ids.shape[0]).to(embedding_weight.dtype)
+    prompts = _prompts(prompt_table, prompt_index, input_ids.shape[0])
+    if prompts.dtype != embedding_weight.dtype:
+        prompts = prompts.to(embedding_weight.dtype)
     return torch.cat([prompts, words], dim=1)
 
 
 def reference_backward(dout, input_ids, prompt_index, num_prompts, prompt_dtype):
-    """Gradient of the prompt table: (P, H) summed over rows, or (N, P, H) scattered by prompt_index."""
+    """Gradient of the prompt table: (P, H) summed over rows, or (N, P, H) scattered by prompt_index.
+    input_ids is read for its shape only."""
     P = dout.shape[1] - input_ids.shape[1]
-    dp = dout[:, :P].float()
+    dp = dout[:, :P]
     if prompt_index is None:
-        return dp.sum(0).to(prompt_dtype)
+        return dp.sum(0, dtype=torch.float32).to(prompt_dtype)
+    dp = dp.float()
     out = torch.zeros((num_prompts, P, dout.shape[2]), dtype=torch.float32, device=dout.device)
     return out.index_add_(0, prompt_index, dp).to(prompt_dtype)
 
@@ -112,9 +116,51 @@ def _backward(ctx, dout):
 _sp_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, prompt_table: torch.Tensor,
-                      prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """[prompt ; embedding(input_ids)] per row; see the module docstring for shapes."""
+class SoftPromptFn(torch.autograd.Function):
+    """The eager path: one autograd node calling the chosen backend directly (the custom ops above
+    are what torch.compile traces).  Saves prompt_index and, only when the word embeddings are
+    trained, the ids (else nothing B×T: the table's gradient needs only their shape)."""
+
+    @staticmethod
+    def forward(ctx, input_ids, embedding_weight, prompt_table, prompt_index, impl):
+        out = impl.fns["forward"](input_ids, embedding_weight, prompt_table, prompt_index)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(input_ids if needs[1] else None, prompt_index)
+        ctx.cfg = (impl, input_ids.shape, prompt_table.shape[0] if prompt_table.dim() == 3 else 1,
+                   prompt_table.dtype, embedding_weight.shape[0], embedding_weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        input_ids, prompt_index = ctx.saved_tensors
+        impl, ids_shape, num_prompts, prompt_dtype, num_words, weight_dtype = ctx.cfg
+        needs = ctx.needs_input_grad
+        dout = dout.contiguous()
+        shape_ids = input_ids if input_ids is not None else _shape_only(dout, ids_shape)
+        d_table = impl.fns["backward"](dout, shape_ids, prompt_index, num_prompts, prompt_dtype) if needs[2] else None
+        d_weight = impl.fns["embedding_backward"](dout, input_ids, num_words, weight_dtype) if needs[1] else None
+        return None, d_weight, d_table, None, None
+
+
+_STAND_INS: dict[tuple, torch.Tensor] = {}
+
+
+def _shape_only(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A zero-stride stand-in of `shape` (the backends read the ids' shape only for the table)."""
+    key = (like.device, shape)
+    t = _STAND_INS.get(key)
+    if t is None:
+        if len(_STAND_INS) > 256:
+            _STAND_INS.clear()
+        t = _STAND_INS[key] = torch.zeros((), dtype=torch.long, device=like.device).expand(shape)
+    return t
+
+
+_sp_apply = raw_apply(SoftPromptFn)
+
+
+def _validate(input_ids, embedding_weight, prompt_table, prompt_index) -> None:
+    """The checks that read only shapes, dtypes and devices (once per signature)."""
     check(input_ids.dim() == 2, f"input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
     check(not input_ids.is_floating_point(), f"input_ids must be an integer tensor, got {input_ids.dtype}")
     check(embedding_weight.dim() == 2, "embedding_weight must be 2-D (vocab, hidden)")
@@ -131,14 +177,47 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
               f"got {tuple(prompt_table.shape)}")
         check(tuple(prompt_index.shape) == (B,) and not prompt_index.is_floating_point(),
               f"prompt_index must be an integer tensor of shape ({B},)")
-        if value_checks(prompt_index):
-            check(int(prompt_index.min()) >= 0 and int(prompt_index.max()) < prompt_table.shape[0],
-                  f"prompt_index values must lie in [0, {prompt_table.shape[0]})")
-        prompt_index = prompt_index.long()
-    if value_checks(input_ids):
-        V = embedding_weight.shape[0]
-        check(int(input_ids.min()) >= 0 and int(input_ids.max()) < V, f"input_ids must lie in [0, {V}) (the vocabulary size)")
-    return _sp_fwd(input_ids.long(), embedding_weight, prompt_table, prompt_index)
+
+
+def _check_range(t: torch.Tensor, high: int, msg: str) -> None:
+    if value_checks(t):
+        lo, hi = torch.aminmax(t)
+        check(int(lo) >= 0 and int(hi) < high, msg)
+
+
+_PLANS: dict[tuple, backend.Impl] = {}
+
+
+def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, prompt_table: torch.Tensor,
+                      prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """[prompt ; embedding(input_ids)] per row; see the module docstring for shapes."""
+    if torch.compiler.is_compiling():
+        _validate(input_ids, embedding_weight, prompt_table, prompt_index)
+        return _sp_fwd(input_ids.long(), embedding_weight, prompt_table,
+                       None if prompt_index is None else prompt_index.long())
+    key = (backend.get_backend(), input_ids.shape, input_ids.dtype, input_ids.device, embedding_weight.shape,
+           embedding_weight.dtype, embedding_weight.device, prompt_table.shape, prompt_table.dtype, prompt_table.device,
+           None if prompt_index is None else (prompt_index.shape, prompt_index.dtype, prompt_index.device))
+    impl = _PLANS.get(key)
+    if impl is None:
+        _validate(input_ids, embedding_weight, prompt_table, prompt_index)
+        ids = input_ids.long()
+        index = None if prompt_index is None else prompt_index.long()
+        impl = _PLANS[key] = backend.select(OP, ids, embedding_weight, prompt_table, index)
+    else:
+        backend._LAST[OP] = impl.backend
+    # the values, on every call (on a CPU; a GPU would have to synchronise to read them)
+    if prompt_index is not None:
+        _check_range(prompt_index, prompt_table.shape[0], f"prompt_index values must lie in [0, {prompt_table.shape[0]})")
+        if prompt_index.dtype != torch.long:
+            prompt_index = prompt_index.long()
+    _check_range(input_ids, embedding_weight.shape[0],
+                 f"input_ids must lie in [0, {embedding_weight.shape[0]}) (the vocabulary size)")
+    if input_ids.dtype != torch.long:
+        input_ids = input_ids.long()
+    if functorch_active():
+        return SoftPromptFn.apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
+    return _sp_apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
 
 
 # ---- CUDA C++ backend (fastpeft._C, csrc/soft_prompt.cu) ----------------------------------------

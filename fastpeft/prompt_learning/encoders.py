@@ -64,8 +64,8 @@ class PromptEncoder(nn.Module):
         if config.inference_mode:
             return
         if self.encoder_type == "LSTM":
-            self.lstm_head = nn.LSTM(input_size=token_dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.lstm_head = LSTM(input_size=token_dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
+                                  dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
                                           nn.Linear(2 * hidden, token_dim))
         else:
@@ -79,6 +79,60 @@ class PromptEncoder(nn.Module):
         if self.encoder_type == "LSTM":
             return self.mlp_head(self.lstm_head(x.unsqueeze(0))[0])[0]
         return self.mlp_head(x)
+
+
+class LSTM(nn.RNNBase):
+    """`nn.LSTM` (same parameters, names, state dict, repr and eager kernel) that torch.compile can
+    trace: dynamo refuses any `nn.LSTM` instance, so under compile this one runs the same math in
+    matmuls and pointwise ops (`traceable_lstm`).  P-tuning's encoder uses it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        nn.RNNBase.__init__(self, "LSTM", *args, **kwargs)
+
+    # nn.LSTM's own eager forward and its helpers
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input, hx=None):
+        if torch.compiler.is_compiling() and hx is None and self.proj_size == 0:
+            return traceable_lstm(self, input), None
+        return nn.LSTM.forward(self, input, hx)
+
+
+def traceable_lstm(lstm: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
+    """The output sequence of `lstm(x)[0]` (zero initial state, no projection) in plain ops: gate
+    order i, f, g, o; dropout between layers as nn.LSTM applies it."""
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(0)
+    elif not lstm.batch_first:
+        x = x.transpose(0, 1)
+    hidden, steps_n = lstm.hidden_size, x.shape[1]
+    out = x
+    for layer in range(lstm.num_layers):
+        directions = []
+        for suffix in ("", "_reverse")[: 2 if lstm.bidirectional else 1]:
+            w_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}")
+            w_hh = getattr(lstm, f"weight_hh_l{layer}{suffix}")
+            gates_x = out @ w_ih.t()
+            if lstm.bias:
+                gates_x = gates_x + getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}")
+            h = out.new_zeros(out.shape[0], hidden)
+            c = out.new_zeros(out.shape[0], hidden)
+            hs = [None] * steps_n
+            for t in (range(steps_n - 1, -1, -1) if suffix else range(steps_n)):
+                i, f, g, o = (gates_x[:, t] + h @ w_hh.t()).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                hs[t] = h
+            directions.append(torch.stack(hs, dim=1))
+        out = torch.cat(directions, dim=-1)
+        if lstm.dropout and lstm.training and layer < lstm.num_layers - 1:
+            out = torch.nn.functional.dropout(out, lstm.dropout, True)
+    if not batched:
+        return out[0]
+    return out if lstm.batch_first else out.transpose(0, 1)
 
 
 class PrefixEncoder(nn.Module):

@@ -7,30 +7,53 @@ import sys
 USAGE = """usage: fastpeft <command> [options]
 
 commands:
-  bench      speed and peak memory of fastpeft vs PEFT eager and torch.compile(PEFT) (default command)
-  train      fine-tune a model with LoRA, IA3, prefix, prompt or P-tuning
-  generate   generate text with a model and a saved adapter
-  info       which backends (torch, triton, cuda) are usable here and why not
+  train      fine-tune a model with LoRA, IA3, prefix tuning, prompt tuning or P-tuning, and save the adapter
+  generate   generate text with a base model and a saved adapter
+  bench      time fastpeft against PEFT (eager and torch.compile) per layer and per training step
+  info       say which backends (torch, triton, cuda) can run on this machine, and why not
 
-`fastpeft <command> --help` for a command's options."""
+options:
+  -h, --help     show this help
+  --version      print fastpeft's version (and torch's) and exit
+
+`fastpeft <command> --help` shows a command's options and their defaults.
+examples:
+  fastpeft train --method lora --model tiny --out run1      # seconds on a CPU
+  fastpeft generate --adapter run1 --prompt "the red"
+  fastpeft bench --quick"""
+
+
+def version_text() -> str:
+    from . import __version__
+
+    try:
+        import torch
+
+        torch_text = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU")
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch_text = "torch missing"
+    return f"fastpeft {__version__} ({torch_text}; Python {sys.version.split()[0]})"
 
 
 def console() -> int:
     """The installed `fastpeft` script: as `main`, but `fastpeft bench` runs as its own process entry."""
     argv = sys.argv[1:]
-    if not argv or argv[0] == "bench" or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] == "bench":
         from .bench.cli import entry
 
-        return int(entry(argv[1:] if argv and argv[0] == "bench" else argv) or 0)
+        return int(entry(argv[1:]) or 0)
     return main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "bench"
+    if argv[0] in ("--version", "-V", "version"):
+        print(version_text())
+        return 0
+    command = argv.pop(0)
     if command == "bench":
         from .bench.cli import main as run
     elif command == "train":
@@ -40,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "info":
         from .info import main as run
     else:
-        print(f"fastpeft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        hint = f" (bench options go after the command: fastpeft bench {command})" if command.startswith("-") else ""
+        print(f"fastpeft: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
     return int(run(argv) or 0)
 

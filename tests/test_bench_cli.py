@@ -2,6 +2,7 @@
 correctness gate (a wrong fastpeft result fails the run)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -115,10 +116,82 @@ def test_tiny_run_json_schema(tiny_run):
 def test_tiny_run_writes_markdown_and_plots(tiny_run):
     _, doc, out = tiny_run
     md = (out / "results.md").read_text()
-    assert "CPU reference figures" in md and "| case | provider | ms |" in md and "e2e" not in md.split("##")[0]
-    for name in ("speed.png", "memory.png"):
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert "CPU reference figures" in md and "| case | provider | ms | ms 20%-80% |" in md
+    assert "e2e" not in md.split("##")[0]
+    data = (out / "speed.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not (out / "memory.png").exists()  # no allocator statistics on a CPU: no empty memory plot
+
+
+def test_tiny_run_records_quantiles(tiny_run):
+    _, doc, _ = tiny_run
+    timed = [c for c in doc["cases"] if c["status"] == "ok"]
+    assert timed
+    for c in timed:
+        assert c["timer"] == "torch.utils.benchmark" and c["repeats"] >= 1
+        assert 0 < c["q20_ms"] <= c["median_ms"] <= c["q80_ms"], c
+
+
+def test_quantiles_match_numpy_and_cpu_timer_spread():
+    import numpy as np
+
+    from fastpeft.bench.timing import measure, quantiles
+
+    values = list(np.random.default_rng().random(17) * 10)
+    assert np.allclose(quantiles(values), np.quantile(values, [0.2, 0.5, 0.8]))
+    x = torch.randn(128, 128)
+    m = measure(lambda: x @ x, device="cpu", warmup=1, repeats=8)
+    assert m.timer == "torch.utils.benchmark" and m.peak_mib is None and m.repeats == len(m.times_ms) >= 2
+    assert m.q20_ms <= m.median_ms <= m.q80_ms and np.isclose(m.median_ms, np.median(m.times_ms))
+
+
+def _fake_doc(peak):
+    def rec(case, provider, ms, status="ok"):
+        return {"case": case, "kind": case.split("/")[0], "method": case.split("/")[1], "provider": provider,
+                "provider_name": provider, "median_ms": ms, "q20_ms": ms and ms * 0.9, "q80_ms": ms and ms * 1.2,
+                "peak_mib": peak if ms else None, "status": status}
+    cases = [rec("layer/lora/M64 64->176 d0.05", "floor", 1.0), rec("layer/lora/M64 64->176 d0.05", "peft", 2.0),
+             rec("layer/lora/M64 64->176 d0.05", "fastpeft", None, "not available"),
+             rec("e2e/lora", "floor", 3.0), rec("e2e/lora", "peft", 4.0), rec("e2e/lora", "fastpeft", 3.5)]
+    return {"settings": {"methods": ["lora"], "dtype": "bf16"}, "device": {"name": "GPU"}, "cpu_reference": False,
+            "cases": cases}
+
+
+def test_plots_show_absolute_times_and_missing_values(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from fastpeft.bench.report import plain_label, write_plots
+
+    assert plain_label("layer/lora/M64 64->176 d0.05") == "64 tokens, 64 to 176\ndropout 0.05"
+    assert plain_label("layer/ia3/M64 64->64 ff") == "64 tokens, 64 to 64\nfeed-forward input scaling"
+    assert plain_label("layer/prefix/B2 H4 T32 D16 P8") == "8-token prefix\nbatch 2 x 32 tokens"
+    bars, texts = [], []
+    real_bar, real_text = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, *a, **k: bars.append((list(x), list(h))) or real_bar(self, x, h, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
+    written = write_plots(_fake_doc(peak=12.0), str(tmp_path))
+    assert [os.path.basename(p) for p in written] == ["speed.png", "memory.png"]
+    heights = [h for _, hs in bars[:3] for h in hs]  # the speed plot: floor, PEFT, fastpeft
+    assert sorted(heights) == [1.0, 2.0, 3.0, 3.5, 4.0]  # absolute ms, the missing value drawn as no bar
+    assert texts.count("missing") == 2  # one per plot
+    (tmp_path / "cpu").mkdir()
+    assert [os.path.basename(p) for p in write_plots(_fake_doc(peak=None), str(tmp_path / "cpu"))] == ["speed.png"]
+
+
+def test_default_run_states_its_expected_length(capsys, monkeypatch):
+    from fastpeft.bench import cli
+
+    monkeypatch.setattr("fastpeft.bench.suite.run_suite", lambda s: (_ for _ in ()).throw(SystemExit(9)))
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cpu", "--methods", "lora"])
+    err = capsys.readouterr().err
+    assert "expected to take about" in err and "--quick" in err
+    seconds, cases, columns = cli.estimate_seconds(cli.settings_from_args(
+        cli.build_parser().parse_args(["--device", "cpu", "--quick"]), cli.build_parser()), True)
+    assert 10 < seconds < 600 and cases > 4 and columns == 3
 
 
 def test_table_first_line_says_cpu_reference(capsys):

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Check a fastpeft wheel's CUDA extension: SASS for exactly the requested GPU architectures,
-and no dynamic dependency on the CUDA runtime or libtorch.
+no dynamic dependency on the CUDA runtime or libtorch, a build record (fastpeft/_build_info.json)
+that names the CUDA version and the same architectures, and (with --manylinux) a manylinux platform
+tag, the kind PyPI accepts (an unrepaired `linux_x86_64` wheel is refused by PyPI).
 
-    python tools/check_wheel.py dist/fastpeft-*.whl --expect 80,90 [--expect-ptx 90]
+    python tools/check_wheel.py dist/fastpeft-*.whl --expect 80,90 [--expect-ptx 90] [--manylinux]
 
 Lists the cubins with `cuobjdump --list-elf` (found on PATH, under CUDA_HOME, or from the
 nvidia-cuda-cuobjdump package); where there is none, reads the ELF's .nv_fatbin section itself
@@ -116,16 +118,47 @@ def needed_libraries(so: Path) -> list[str]:
     return needed
 
 
+def wheel_tags(name: str) -> tuple[str, str, str]:
+    """(python, abi, platform) tags of a wheel file name (`fastpeft-0.1.0-cp311-cp311-manylinux_2_28_x86_64.whl`)."""
+    parts = name[:-len(".whl")].split("-") if name.endswith(".whl") else []
+    if len(parts) not in (5, 6):
+        raise SystemExit(f"check_wheel: {name} is not a wheel file name (NAME-VERSION-PY-ABI-PLATFORM.whl)")
+    return parts[-3], parts[-2], parts[-1]
+
+
+def manylinux_problem(platform: str) -> str | None:
+    """Why PyPI would refuse this platform tag, or None (PEP 600 manylinux_X_Y_ARCH, or the legacy aliases)."""
+    tags = platform.split(".")
+    ok = [t for t in tags if re.fullmatch(r"manylinux_\d+_\d+_(x86_64|aarch64|ppc64le|s390x|i686)", t)
+          or re.fullmatch(r"manylinux(1|2010|2014)_(x86_64|aarch64|ppc64le|s390x|i686)", t)]
+    if len(ok) != len(tags):
+        return f"platform tag {platform!r} is not manylinux (PyPI refuses linux_* wheels; run auditwheel repair)"
+    return None
+
+
+def read_build_info(whl: zipfile.ZipFile) -> dict | None:
+    import json
+
+    try:
+        return json.loads(whl.read("fastpeft/_build_info.json"))
+    except KeyError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wheel", type=Path)
     ap.add_argument("--expect", required=True, help="SASS architectures, e.g. 80,90 or '8.0;9.0'")
     ap.add_argument("--expect-ptx", default=None, help="PTX architectures embedded too (default: not checked)")
     ap.add_argument("--require-cuobjdump", action="store_true", help="fail when no cuobjdump is found")
+    ap.add_argument("--manylinux", action="store_true", help="fail unless the platform tag is manylinux")
+    ap.add_argument("--expect-cuda", default=None, help="CUDA version the build record must name, e.g. 13.0")
     args = ap.parse_args(argv)
 
     expect = parse_archs(args.expect)
+    py_tag, abi_tag, platform = wheel_tags(args.wheel.name)
     with zipfile.ZipFile(args.wheel) as whl:
+        info = read_build_info(whl)
         members = [n for n in whl.namelist() if re.fullmatch(r"fastpeft/_C[.\w-]*\.so", n)]
         if len(members) != 1:
             print(f"FAIL {args.wheel.name}: expected one fastpeft/_C*.so, found {members or 'none'}")
@@ -149,15 +182,33 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"SASS for {sorted(set(sass))}, expected exactly {expect}")
     if args.expect_ptx is not None and sorted(set(ptx)) != parse_archs(args.expect_ptx):
         problems.append(f"PTX for {sorted(set(ptx))}, expected {parse_archs(args.expect_ptx)}")
+    if args.manylinux and manylinux_problem(platform):
+        problems.append(manylinux_problem(platform))
+    if info is None:
+        problems.append("no fastpeft/_build_info.json (the record of the CUDA version and architectures)")
+    else:
+        if sorted(info.get("sass_archs") or []) != sorted(set(sass)):
+            problems.append(f"_build_info.json names SASS {info.get('sass_archs')}, "
+                            f"the binary holds {sorted(set(sass))}")
+        if sorted(info.get("ptx_archs") or []) != sorted(set(ptx)):
+            problems.append(f"_build_info.json names PTX {info.get('ptx_archs')}, the binary holds {sorted(set(ptx))}")
+        if not info.get("cuda"):
+            problems.append("_build_info.json names no CUDA version")
+        elif args.expect_cuda and info["cuda"] != args.expect_cuda:
+            problems.append(f"built with CUDA {info['cuda']}, expected {args.expect_cuda}")
     linked = [n for n in needed if re.match(r"lib(cudart|torch|c10)", n)]
     if linked:
         problems.append(f"links {linked} dynamically (the CUDA runtime must be static, libtorch absent)")
     listing = ", ".join(f"sm_{a}" for a in sass) + "".join(f", compute_{a} (PTX)" for a in ptx)
     print(f"{members[0]}: {listing}  [by {how}; needs {', '.join(needed)}]")
+    print(f"tags {py_tag}-{abi_tag}-{platform}; build record: " +
+          (f"CUDA {info.get('cuda')}, SASS {info.get('sass_archs')}, PTX {info.get('ptx_archs')} "
+           f"(from {info.get('arch_list_from')})" if info else "missing"))
     if problems:
         print(f"FAIL {args.wheel.name}: " + "; ".join(problems))
         return 1
-    print(f"OK {args.wheel.name}: SASS exactly {', '.join(f'sm_{a}' for a in expect)}")
+    print(f"OK {args.wheel.name}: SASS exactly {', '.join(f'sm_{a}' for a in expect)}"
+          + (f", CUDA {info['cuda']}" if info else "") + (", manylinux" if args.manylinux else ""))
     return 0
 
 

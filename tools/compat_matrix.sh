@@ -39,8 +39,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${COMPAT_TORCH:-torch==2.13.0}
 
 # The oldest releases the compatibility subset passes on (keep in step with pyproject.toml's lower
-# bounds and README "Supported versions").  torch's lower bound (2.6) was checked by hand with
-# COMPAT_TORCH-like venvs; the rows use the CPU torch on disk here for speed.
+# bounds and README "Supported versions").  torch's lower bound (2.6, with triton 3.4) is tested by
+# .ci/run_oldest; the rows here use the CPU torch on disk for speed.
 OLDEST_TRANSFORMERS=5.0.0
 OLDEST_PEFT=0.21.0
 OLDEST_ACCELERATE=0.32.0
@@ -147,7 +147,7 @@ ensure_venv() {
   if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then echo "$venv"; return 0; fi
   rm -f "$marker"
   {
-    "$venv/bin/python" -m pip install -q "$TORCH_SPEC" "setuptools>=70.1" wheel "pybind11>=2.12" &&
+    "$venv/bin/python" -m pip install -q "$TORCH_SPEC" "setuptools>=77" "pybind11>=2.12" &&
     # editable: tests this checkout as it is; no nvcc build (the subset needs no fastpeft._C)
     FASTPEFT_SKIP_CUDA=1 "$venv/bin/python" -m pip install -q --no-build-isolation \
       -e "$SRC[test,bench]" "$TORCH_SPEC" $reqs

@@ -13,10 +13,14 @@ from .common import DTYPES, METHODS
 from .presets import PRESETS, get_preset
 
 EPILOG = """examples:
-  fastpeft bench                              the full suite (ANCHORS shapes on a GPU, tiny on a CPU)
-  fastpeft bench --quick --methods lora,ia3   fewer cases and repeats
+  fastpeft bench                              the full suite (the project's target shapes on a GPU, tiny
+                                              ones on a CPU); it says how long it expects to take first
+  fastpeft bench --quick --methods lora,ia3   fewer cases and repeats: the fast path
   fastpeft bench --preset 7b --e2e-only --out results/
   fastpeft bench --compare old/results.json new/results.json
+
+Times are medians with their 20 % and 80 % quantiles (triton.testing.do_bench on a GPU,
+torch.utils.benchmark on a CPU); peak memory only where the CUDA allocator reports it.
 
 exit status: 0 when every fastpeft result matches the reference, 1 when one does not (or fastpeft
 raised), 2 for a usage error."""
@@ -46,10 +50,11 @@ def _methods(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft bench", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset_help = ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
     p.add_argument("--methods", type=_methods, default=METHODS, metavar="LIST",
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="shapes: anchors (ANCHORS.md; GPU default), tiny (CPU default), small, 1b, 7b")
+                   help=f"shapes: {preset_help}; default: anchors on a GPU, tiny on a CPU")
     p.add_argument("--batch", type=_positive, help="batch size (default: the preset's)")
     p.add_argument("--seq", type=_positive, help="sequence length (default: the preset's)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16 (GPU default), fp16, fp32 (CPU default)")
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--layers-only", action="store_true", help="per-layer cases only")
     scope.add_argument("--e2e-only", action="store_true", help="end-to-end training steps only")
-    p.add_argument("--out", metavar="DIR", help="write results.json, results.md, speed.png, memory.png here")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.md, speed.png (and memory.png on a "
+                   "GPU) here")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="print what changed between two results files and exit")
     return p
@@ -87,6 +93,35 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     return Settings(preset=preset, dtype_name=dtype_name, dtype=DTYPES[dtype_name], device=device,
                     methods=args.methods, layers=not args.e2e_only, e2e=not args.layers_only, compile=compile_on,
                     compile_note=note, quick=args.quick, warmup=warmup, repeats=repeats)
+
+
+def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
+    """(seconds, cases, timed columns): a rough expected length of a run, from what it will do.
+
+    Per timed column about 1 s (a layer case) or 2-4 s (a training step) with the default repeats,
+    torch.compile about 30 s a case on a CPU (20-60 s on a GPU), plus the host-overhead and
+    saved-bytes tables; the real figure depends on the machine and its load."""
+    from .suite import build_cases
+
+    cases = build_cases(settings)
+    gpu = settings.device == "cuda"
+    columns = 1 + (1 if have_peft else 0) + 1  # frozen floor, PEFT, fastpeft
+    scale = (settings.repeats + settings.warmup) / 25.0
+    seconds = 8.0  # imports and model building
+    for case in cases:
+        per = (1.0 if case.kind == "layer" else (4.0 if gpu else 2.0)) * max(scale, 0.4)
+        seconds += columns * per
+        if have_peft and settings.compile:
+            seconds += (20.0 if case.kind == "layer" else 60.0) if gpu else 30.0
+    if settings.layers and have_peft:
+        seconds += 10.0 if settings.quick else 30.0
+    if have_peft:
+        seconds += 15.0
+    return seconds, len(cases), columns + (1 if have_peft and settings.compile else 0)
+
+
+def _fmt_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def entry(argv: list[str]) -> int:
@@ -121,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out: {args.out} exists and is not a folder")
     settings = settings_from_args(args, parser)
 
+    from .common import peft_module
     from .report import text_table, write_all
     from .suite import run_suite
 
+    seconds, n_cases, n_columns = estimate_seconds(settings, peft_module() is not None)
+    print(f"fastpeft bench: {n_cases} cases x {n_columns} columns on {settings.device}, preset "
+          f"{settings.preset.name}; expected to take about {_fmt_duration(seconds)}"
+          + ("" if settings.quick else " (--quick: fewer cases and repeats)"), file=sys.stderr, flush=True)
     doc = run_suite(settings)
     print(text_table(doc), flush=True)
     if args.out:

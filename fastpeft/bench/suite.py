@@ -143,7 +143,8 @@ def _providers(s: Settings, have_peft: bool) -> list[str]:
 def _record(case: Case, provider: str) -> dict:
     return {"id": f"{case.id}/{provider}", "case": case.id, "kind": case.kind, "method": case.method,
             "provider": provider, "provider_name": PROVIDER_NAMES[provider], "description": case.description,
-            "tokens": case.tokens, "status": "ok", "error": None, "median_ms": None, "peak_mib": None,
+            "tokens": case.tokens, "status": "ok", "error": None, "median_ms": None, "q20_ms": None,
+            "q80_ms": None, "timer": None, "peak_mib": None,
             "repeats": None, "tokens_per_s": None, "vs_floor": None, "vs_peft": None,
             "check": CheckResult("not run").to_json(), "backend": None}
 
@@ -195,7 +196,8 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
                 continue
             m = measure(runner.step, warmup=s.warmup, repeats=s.repeats, device=s.device,
                         memory_baseline=baseline if case.kind == "e2e" else None)
-            rec.update(median_ms=m.median_ms, peak_mib=m.peak_mib, repeats=m.repeats,
+            rec.update(median_ms=m.median_ms, q20_ms=m.q20_ms, q80_ms=m.q80_ms, timer=m.timer,
+                       peak_mib=m.peak_mib, repeats=m.repeats,
                        tokens_per_s=case.tokens / (m.median_ms / 1e3) if m.median_ms > 0 else None)
             progress.end(f"{m.median_ms:.3f} ms" + (f", check {check.status} ({check.max_rel_err:.1e})"
                                                      if check.max_rel_err is not None else ""))

@@ -1,6 +1,8 @@
 """`fastpeft train` and `fastpeft generate`.
 
     fastpeft train                                  # LoRA on the tiny preset + the shipped tiny.jsonl
+    fastpeft train --config run.yaml --steps 50     # every flag from a YAML/JSON file; flags given win
+    fastpeft train --data chat.jsonl --report-to tensorboard   # {"messages": [...]}: loss on assistant turns
     fastpeft train --method ia3 --model ./my-llama --data train.jsonl --out run1 --steps 500
     torchrun --nproc-per-node 8 -m fastpeft train --model bench --data d.jsonl --out run2   # DDP
     fastpeft train ... --out run1 --resume          # continue from the newest checkpoint in run1
@@ -35,8 +37,11 @@ INFO_NAME = "train_info.json"
 METHODS = ("lora", "ia3", "prefix", "prompt", "ptuning")
 # learning rates that suit pretrained models; the random-weight presets take 1e-2
 DEFAULT_LR = {"lora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-3}
-PRESET_LR = 1e-2
+# the random-weight presets: chosen so that each method's default run lowers the eval loss clearly
+PRESET_LR = {"lora": 1e-2, "ia3": 3e-1, "prefix": 3e-2, "prompt": 3e-1, "ptuning": 1e-2}
 DEFAULT_DATA_STEPS = 200
+DEFAULT_EVAL_FRACTION = 0.1  # of the shipped data, when no --eval / --eval-fraction is given
+REPORTERS = ("none", "tensorboard", "wandb")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +49,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines end with "(default: X)" where a flag has a default its text does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 def _int(text: str, low: int, what: str) -> int:
@@ -107,22 +125,34 @@ def _seq_len(text: str) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastpeft train", description="Fine-tune a causal LM with a PEFT method. "
-                                "Data: JSONL with a 'text' field, or 'prompt'/'completion' fields (loss on the "
-                                "completion only). Under torchrun it trains with DDP; rank 0 writes.")
-    p.add_argument("--method", choices=METHODS, default="lora")
-    p.add_argument("--model", default="tiny", help=f"local model folder, or a preset: {', '.join(PRESETS)} "
-                   "(random weights, byte tokenizer) (default: tiny)")
-    p.add_argument("--data", default=None, help="training JSONL (default: the tiny dataset shipped with fastpeft)")
+    p = _Parser(prog="fastpeft train", formatter_class=_HelpFormatter, description=(
+        "Fine-tune a causal LM with a PEFT method and save the adapter (PEFT's file format) in --out.\n\n"
+        "Data: JSONL, CSV, Parquet, a folder written by `datasets` save_to_disk, or the name of a dataset in the\n"
+        "local Hugging Face cache. Each record has a 'text' field (loss on all of it), 'prompt' and 'completion'\n"
+        "fields (loss on the completion only), or a 'messages' list of {role, content} (rendered by the\n"
+        "tokenizer's chat template; loss on the assistant turns only). Under torchrun it trains with DDP;\n"
+        "rank 0 writes."))
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML or JSON file holding any of these flags by name (e.g. 'batch_size: 16'); flags given "
+                   "on the command line override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every flag's value (these flags, the file's, the defaults) as YAML and exit: a "
+                   "starting point for --config")
+    p.add_argument("--method", choices=METHODS, default="lora", help="PEFT method")
+    p.add_argument("--model", default="tiny", help=f"local model folder, a model in the local Hugging Face cache, "
+                   f"or a preset: {', '.join(PRESETS)} (random weights, the shipped byte-level tokenizer)")
+    p.add_argument("--data", default=None, help="training data: a file, a datasets folder, or a cached dataset name "
+                   "(default: the tiny dataset shipped with fastpeft, 10%% of it held out for eval)")
     p.add_argument("--out", default="fastpeft-out", help="output folder: adapter, checkpoints (default: fastpeft-out)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
     g.add_argument("--epochs", type=_positive_int, default=None,
                    help="passes over the data (default: 1; without --data: 200 steps)")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help=f"peak learning rate (default: {PRESET_LR} for presets, else " +
+                   help="peak learning rate (default: on presets " +
+                   ", ".join(f"{m} {lr}" for m, lr in PRESET_LR.items()) + "; else " +
                    ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items()) + ")")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=_non_negative_int, default=None,
                    help="linear warm-up steps (default: 5%% of the steps)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process")
@@ -134,12 +164,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=_probability, default=0.0, help="LoRA dropout")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module names, or all-linear (default: PEFT's defaults for the model; "
-                   "all-linear for LoRA on a preset)")
+                   "all-linear for LoRA and IA3 on a preset)")
     p.add_argument("--num-virtual-tokens", type=_positive_int, default=20, help="prefix / prompt / P-tuning tokens")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="base weights and autocast dtype; adapters stay fp32 (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (not with prefix)")
-    p.add_argument("--eval", dest="eval_data", default=None, help="evaluation JSONL")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base with FSDP2 (one unit per "
+                   "decoder layer) instead of replicating it with DDP; lora and ia3")
+    p.add_argument("--eval", dest="eval_data", default=None, help="evaluation data (same kinds as --data)")
     p.add_argument("--eval-fraction", type=_fraction, default=None, help="hold out this share of --data for eval")
     p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations")
     p.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints")
@@ -148,7 +180,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="continue from the newest intact checkpoint in --out, or from the checkpoint folder given")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its adapter and checkpoints are deleted)")
-    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between progress lines")
+    p.add_argument("--report-to", choices=REPORTERS, default="none",
+                   help="also log loss, eval loss and learning rate to TensorBoard (event files in OUT/runs; needs "
+                   "`pip install tensorboard`) or to Weights & Biases (needs `pip install wandb`; offline unless "
+                   "WANDB_MODE says otherwise, files in OUT/wandb)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="data order, adapter init, and preset weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -157,6 +193,117 @@ def train_parser() -> argparse.ArgumentParser:
                 "signal number); a second signal stops at once. One run per --out at a time (lock file "
                 ".fastpeft.lock).")
     return p
+
+
+class ConfigFileError(ValueError):
+    """A --config file that cannot be read or holds a key or value no flag accepts."""
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML (.yaml / .yml) or JSON file; YAML is read with `yaml.safe_load` (no code)."""
+    if not os.path.isfile(path):
+        raise ConfigFileError(f"--config {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigFileError(f"--config {path}: reading YAML needs `pip install pyyaml` (or use JSON)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigFileError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigFileError(f"--config {path}: not valid JSON ({err.msg} at line {err.lineno}) "
+                                  f"(YAML files need a .yaml or .yml name)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def _config_value(action: argparse.Action, key: str, value, path: str):
+    """A config-file value checked and converted exactly as the flag's command-line text would be."""
+    where = f"--config {path}: {key}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigFileError(f"{where}: expected true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if value is None:
+        return None
+    if action.nargs == "?" and value is True:
+        return action.const
+    if isinstance(value, (list, tuple)) and key.replace("-", "_") == "target_modules":
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, (dict, list, tuple)) or isinstance(value, bool):
+        raise ConfigFileError(f"{where}: expected a single value, got {value!r}")
+    text = str(value)
+    try:
+        converted = action.type(text) if action.type is not None else text
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise ConfigFileError(f"{where}: {err}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ConfigFileError(f"{where}: {converted!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def parse_train_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse `fastpeft train` flags; with --config FILE the file's keys (flag names, '-' or '_') become the
+    defaults, so the command line overrides the file.  Unknown keys and bad values exit with code 2."""
+    parser = parser or train_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return parser.parse_args(argv)
+    try:
+        data = read_config_file(known.config)
+    except ConfigFileError as err:
+        parser.error(str(err))
+    by_name: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config", "print_config"):
+            continue
+        by_name[action.dest] = action
+        for opt in action.option_strings:
+            by_name[opt.lstrip("-").replace("-", "_")] = action
+    given = {a.dest for a in parser._actions for opt in a.option_strings
+             if any(tok == opt or tok.startswith(opt + "=") for tok in argv)}
+    defaults = {}
+    for key, value in data.items():
+        action = by_name.get(str(key).replace("-", "_"))
+        if action is None:
+            names = sorted({a.dest for a in by_name.values()})
+            parser.error(f"--config {known.config}: unknown key {key!r} (keys are the flags' names: "
+                         f"{', '.join(names)})")
+        try:
+            defaults[action.dest] = _config_value(action, str(key), value, known.config)
+        except ConfigFileError as err:
+            parser.error(str(err))
+    for group in parser._mutually_exclusive_groups:  # a flag given on the command line wins over its rivals
+        dests = [a.dest for a in group._group_actions]
+        in_file = [d for d in dests if defaults.get(d) not in (None, False)]
+        if any(d in given for d in dests):
+            for d in dests:
+                if d not in given:
+                    defaults.pop(d, None)
+        elif len(in_file) > 1:
+            parser.error(f"--config {known.config}: {' and '.join(in_file)} cannot both be set")
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def config_text(args: argparse.Namespace) -> str:
+    """Every flag's value as YAML that --config reads back to the same arguments."""
+    import yaml
+
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
 
 
 def _dtype(name: str, device: str | None) -> str:
@@ -248,8 +395,11 @@ def train_main(argv: list[str] | None = None) -> int:
     from .trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = train_parser().parse_args(argv)
+    args = parse_train_args(argv)
     prog = "fastpeft train"
+    if args.print_config:
+        print(config_text(args), end="")
+        return 0
     try:
         return _train_main(args, prog)
     except TrainingPreempted as err:
@@ -278,13 +428,14 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
     from .runlock import acquire_run_lock, release_run_lock
     from .trainer import TrainArgs, Trainer, _write_json, find_checkpoint
 
+    from .data import looks_like_hub_name
+
     data = args.data or DEFAULT_DATA
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(prog, f"--out {args.out} is a file, not a folder")
-    if not os.path.isfile(data):
-        return _fail(prog, f"--data {data} does not exist")
-    if args.eval_data and not os.path.isfile(args.eval_data):
-        return _fail(prog, f"--eval {args.eval_data} does not exist")
+    for flag, value in (("--data", data), ("--eval", args.eval_data)):
+        if value and not os.path.exists(value) and not looks_like_hub_name(value):
+            return _fail(prog, f"{flag} {value} does not exist")
     if args.eval_data and args.eval_fraction:
         return _fail(prog, "pass --eval or --eval-fraction, not both")
     if args.gradient_checkpointing and args.method == "prefix":
@@ -313,10 +464,12 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         dtype = _dtype(args.dtype, args.device)
         if dtype != "fp32" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             warnings.warn(f"--dtype {dtype} on the CPU is slow; fp32 is the usual choice there", stacklevel=1)
-        lr = args.lr or (PRESET_LR if args.model in PRESETS else DEFAULT_LR[args.method])
+        lr = args.lr or (PRESET_LR[args.method] if args.model in PRESETS else DEFAULT_LR[args.method])
         if args.data is None and args.steps is None and args.epochs is None:
             args.steps = DEFAULT_DATA_STEPS
-        if args.target_modules is None and args.model in PRESETS and args.method == "lora":
+        if args.data is None and args.eval_data is None and args.eval_fraction is None:
+            args.eval_fraction = DEFAULT_EVAL_FRACTION
+        if args.target_modules is None and args.model in PRESETS and args.method in ("lora", "ia3"):
             args.target_modules = "all-linear"
         try:
             config = make_config(args)
@@ -326,12 +479,13 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
                 grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                 max_grad_norm=args.max_grad_norm or None, mixed_precision="no" if dtype == "fp32" else dtype,
-                gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, eval_every=args.eval_every,
                 eval_fraction=args.eval_fraction, save_every=args.save_every, keep_checkpoints=args.keep,
                 resume=args.resume, log_every=args.log_every, seed=args.seed, device=args.device,
                 progress=not args.quiet)
+            reporter = make_reporter(args.report_to, args.out, vars(args)) if rank0 else None
             trainer = Trainer(model, targs, data, eval_dataset=args.eval_data, peft_config=config,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, callbacks=[reporter] if reporter else None)
         except (DataError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
             if args.debug:
                 raise
@@ -340,15 +494,78 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
             info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
                     "seq_len": args.seq_len, "fastpeft_version": __version__}
             _write_json(os.path.join(args.out, INFO_NAME), info)
+        start_eval = trainer.evaluate() if trainer.eval_examples and not args.resume else None
+        if start_eval is not None and trainer.rank == 0 and not args.quiet:
+            print(f"step 0: eval loss {start_eval:.4f}", file=sys.stderr, flush=True)
+            if reporter is not None:
+                reporter(trainer, {"step": 0, "eval_loss": start_eval})
         try:
-            trainer.train()
+            result = trainer.train()
         except (ValueError, FileNotFoundError) as err:  # CheckpointError (a bad --resume) is a ValueError
             if args.debug:
                 raise
             return _fail(prog, str(err))
+        finally:
+            if reporter is not None:
+                reporter.close()
+        if start_eval is not None and result.eval_loss is not None and trainer.rank == 0 and not args.quiet:
+            change = "lower" if result.eval_loss < start_eval else "NOT lower"
+            print(f"eval loss {start_eval:.4f} at the start -> {result.eval_loss:.4f} at the end ({change}, "
+                  f"{result.eval_loss - start_eval:+.4f})", file=sys.stderr, flush=True)
         return 0
     finally:
         release_run_lock(lock)
+
+
+class _Reporter:
+    """A Trainer callback that writes each step's logs (loss, eval_loss, lr, tokens_per_s) to a tracker."""
+
+    def __init__(self, log, close) -> None:
+        self._log, self._close = log, close
+
+    def __call__(self, trainer, logs: dict) -> None:
+        step = int(logs.get("step", 0))
+        scalars = {k: float(v) for k, v in logs.items() if k != "step" and isinstance(v, (int, float))}
+        if scalars:
+            self._log(step, scalars)
+
+    def close(self) -> None:
+        self._close()
+
+
+def make_reporter(kind: str, out: str, hparams: dict) -> _Reporter | None:
+    """--report-to: TensorBoard event files in OUT/runs, or a wandb run (offline unless WANDB_MODE is set)."""
+    if kind == "none":
+        return None
+    names = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/learning_rate",
+             "tokens_per_s": "train/tokens_per_s"}
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)") \
+                from None
+        writer = SummaryWriter(log_dir=os.path.join(out, "runs"))
+        writer.add_text("args", json.dumps({k: v for k, v in hparams.items()}, default=str, indent=1))
+
+        def log(step: int, scalars: dict) -> None:
+            for k, v in scalars.items():
+                writer.add_scalar(names.get(k, k), v, step)
+
+        def close() -> None:
+            writer.flush()
+            writer.close()
+
+        return _Reporter(log, close)
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("--report-to wandb needs the wandb package (pip install wandb)") from None
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastpeft"), dir=out,
+                     config={k: v for k, v in hparams.items() if isinstance(v, (str, int, float, bool, type(None)))})
+    return _Reporter(lambda step, scalars: run.log({names.get(k, k): v for k, v in scalars.items()}, step=step),
+                     run.finish)
 
 
 def generate_parser() -> argparse.ArgumentParser:

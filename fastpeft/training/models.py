@@ -1,7 +1,8 @@
 """Base models for `fastpeft train` / `generate`: a local Hugging Face folder (with its tokenizer
-when it has one) or a preset Llama shape with seeded random weights and the byte tokenizer.
+when it has one) or a preset Llama shape with seeded random weights and the shipped byte-level
+tokenizer (a transformers `PreTrainedTokenizerFast`, see tokenizer.py).
 
-Presets (vocabulary 259 = the byte tokenizer's, except `bench`):
+Presets (vocabulary 259 = the byte-level tokenizer's, except `bench`):
   tiny   hidden 64,   2 layers,  4 heads (2 KV),  MLP 176   (~0.1 M params, CPU in seconds; weights
          drawn with std 0.1, not 0.02, so that logits through the unit-norm final RMSNorm can move far
          enough for an adapter to visibly learn)
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, preset_tokenizer
 
 PRESETS: dict[str, dict[str, float]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -61,7 +62,7 @@ def load_model(name_or_path: str, seed: int = 0,
     """(model, tokenizer, source): `source` is what `generate` needs to rebuild the base model."""
     if name_or_path in PRESETS:
         model = build_preset(name_or_path, seed, dtype)
-        return model, ByteTokenizer(), {"preset": name_or_path, "seed": seed}
+        return model, preset_tokenizer(), {"preset": name_or_path, "seed": seed}
     from transformers import AutoModelForCausalLM
 
     folder = name_or_path if os.path.isdir(name_or_path) else _cached_snapshot(name_or_path)
@@ -82,7 +83,7 @@ def load_model(name_or_path: str, seed: int = 0,
         if vocab < VOCAB_SIZE:
             raise ValueError(f"{name_or_path} has no tokenizer and its vocabulary ({vocab}) is smaller than the byte "
                              f"tokenizer's ({VOCAB_SIZE}); add a tokenizer to the folder")
-        tokenizer = ByteTokenizer()
+        tokenizer = preset_tokenizer()
     elif getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, {"path": os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path}

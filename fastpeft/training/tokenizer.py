@@ -1,18 +1,67 @@
-"""A byte-level tokenizer: ids 0-255 are the UTF-8 bytes, then BOS, EOS and PAD.
+"""Byte-level tokenizers: ids 0-255 are the UTF-8 bytes, then BOS, EOS and PAD.
 
-It needs no vocabulary file, so the presets (`tiny`, `small`, `bench`) train and generate with no
-downloads.  `__call__` returns `input_ids` / `attention_mask` like a Hugging Face tokenizer for the
-subset of options training and generation use.
+The presets (`tiny`, `small`, `bench`) use `preset_tokenizer()`: a transformers
+`PreTrainedTokenizerFast` (a `tokenizers` byte-level BPE model with no merges, so one token per
+byte) with a chat template, shipped inside the package (`data/tokenizer/`), so they train and generate
+with no download.  `build_preset_tokenizer()` builds the same tokenizer from scratch (a test checks
+the shipped files against it).  `ByteTokenizer` is the dependency-free equivalent (same ids) that
+`fastpeft.training.Trainer` falls back to when given no tokenizer.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
+TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "data", "tokenizer")  # shipped with fastpeft
+# "<s>user: ...\nassistant: ...</s>\n": the {% generation %} block marks each assistant turn's content
+# and its EOS, what the loss covers (transformers' `return_assistant_tokens_mask`)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: "
+                 "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{{ eos_token }}"
+                 "{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what the `tokenizers` ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_preset_tokenizer():
+    """The presets' tokenizer built from nothing: byte-level BPE, byte b -> id b; <s>, </s>, <pad> -> 256, 257, 258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    vocab.update({"<s>": BOS_ID, "</s>": EOS_ID, "<pad>": PAD_ID})
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  model_max_length=2048, padding_side="right")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def preset_tokenizer():
+    """The shipped tokenizer of the presets (a transformers `PreTrainedTokenizerFast`; no download)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+        return build_preset_tokenizer()  # a source tree without the package data
+    return PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR, local_files_only=True)
 
 
 class ByteTokenizer:

@@ -13,6 +13,8 @@ def linear_geometry(base: nn.Module, name: str = "") -> tuple[int, int, bool]:
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
         in_features, out_features = base.weight.shape
         return in_features, out_features, True
+    if type(base).__name__ == "Linear4bit" and hasattr(base, "in_features"):  # fastpeft.nn.Linear4bit (4-bit base)
+        return base.in_features, base.out_features, False
     where = f" {name!r}" if name else ""
     raise TypeError(f"module{where} is a {type(base).__name__}; fastpeft adapts nn.Linear and transformers' Conv1D "
                     "layers only")

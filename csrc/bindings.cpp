@@ -296,6 +296,158 @@ void ia3_scale_grad(std::uintptr_t out, int out_dtype, std::uintptr_t a_ptr, std
   raise_if_failed(fastpeft::launch_column_dot(a, in_dtype, out_dtype, as_stream(stream)), c.fn);
 }
 
+// ---- grouped LoRA (mixed-adapter batches) -------------------------------------------------------
+
+void require_grouped(const void* launcher, const Checker& c) {
+  if (launcher == nullptr)
+    throw std::runtime_error(std::string(c.fn) + ": this build of the extension left out csrc/grouped_lora.cu");
+}
+
+// Checks shared by the three grouped entry points: sizes, the rank bound, index pointers.
+void check_grouped(const Checker& c, int64_t T, int64_t G, int64_t R, std::uintptr_t scale, bool scale_required,
+                   std::uintptr_t bad_index) {
+  c.nonnegative(T, "T (tokens in the batch)");
+  c.positive(G, "G (adapters in the table)");
+  c.positive(R, "R (the table's padded rank)");
+  if (R > fastpeft::kMaxGroupedRank) c.fail("R (the table's padded rank) is ", R, "; the kernels take at most ",
+                                            fastpeft::kMaxGroupedRank);
+  if (scale_required || scale != 0) c.ptr(scale, "scale", 4);
+  if (bad_index != 0 && bad_index % 4 != 0) c.fail("pointer for bad_index is not aligned to 4 bytes");
+}
+
+void grouped_lora_shrink(std::uintptr_t s, std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype,
+                         std::uintptr_t order, std::uintptr_t offsets, std::uintptr_t scale, std::uintptr_t bad_index,
+                         int64_t T, int64_t L, int64_t G, int64_t R, int64_t K, int64_t stride_xm, int64_t stride_xk,
+                         int64_t stride_wg, int64_t stride_wr, int64_t stride_wk, int64_t stride_sm,
+                         std::uintptr_t stream) {
+  const Checker c{"grouped_lora_shrink"};
+  c.dtype(x_dtype, "x");
+  c.dtype(w_dtype, "the adapter table");
+  check_grouped(c, T, G, R, scale, false, bad_index);
+  c.nonnegative(L, "L (sorted token positions)");
+  c.positive(K, "K (in_features)");
+  if (L > T) c.fail("inconsistent sizes: L = ", L, " sorted positions but the batch has only T = ", T, " tokens");
+  c.extent({T, K}, "x (T, K)");
+  c.extent({G, R, K}, "the table (G, R, K)");
+  c.extent({L, R}, "s (L, R)");
+  c.ptr(s, "s", 4);
+  c.ptr(x, "x", Checker::itemsize(x_dtype));
+  c.ptr(w, "w (the adapter table)", Checker::itemsize(w_dtype));
+  c.ptr(order, "order", 8);
+  c.ptr(offsets, "offsets", 8);
+  c.stride(stride_xk, "x's feature stride", K, 1);
+  c.stride(stride_xm, "x's token stride", T, (K - 1) * stride_xk + 1);
+  c.stride(stride_wk, "w's feature stride", K, 1);
+  c.stride(stride_wr, "w's rank stride", R, (K - 1) * stride_wk + 1);
+  c.stride(stride_wg, "w's adapter stride", G, (R - 1) * stride_wr + (K - 1) * stride_wk + 1);
+  c.stride(stride_sm, "s's row stride", L, R, R);
+  if (L == 0) return;
+
+  fastpeft::GroupedShrinkArgs a{};
+  a.s = reinterpret_cast<float*>(s);
+  a.x = reinterpret_cast<const void*>(x);
+  a.w = reinterpret_cast<const void*>(w);
+  a.order = reinterpret_cast<const int64_t*>(order);
+  a.offsets = reinterpret_cast<const int64_t*>(offsets);
+  a.scale = reinterpret_cast<const float*>(scale);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.T = T, a.L = L, a.G = G, a.R = R, a.K = K;
+  a.stride_xm = stride_xm, a.stride_xk = stride_xk, a.stride_wg = stride_wg, a.stride_wr = stride_wr;
+  a.stride_wk = stride_wk, a.stride_sm = stride_sm;
+  require_grouped(reinterpret_cast<const void*>(&fastpeft::launch_grouped_shrink), c);
+  raise_if_failed(fastpeft::launch_grouped_shrink(a, x_dtype, w_dtype, as_stream(stream)), c.fn);
+}
+
+void grouped_lora_expand(std::uintptr_t out, int out_dtype, std::uintptr_t s, std::uintptr_t l, int l_dtype,
+                         std::uintptr_t order, std::uintptr_t offsets, std::uintptr_t scale, std::uintptr_t bad_index,
+                         int64_t T, int64_t L, int64_t G, int64_t R, int64_t N, int64_t stride_sm, int64_t stride_lg,
+                         int64_t stride_lr, int64_t stride_ln, int64_t stride_om, int64_t stride_on,
+                         std::uintptr_t stream) {
+  const Checker c{"grouped_lora_expand"};
+  c.dtype(out_dtype, "out");
+  c.dtype(l_dtype, "the adapter table");
+  check_grouped(c, T, G, R, scale, false, bad_index);
+  c.nonnegative(L, "L (sorted token positions)");
+  c.positive(N, "N (out_features)");
+  if (L > T) c.fail("inconsistent sizes: L = ", L, " sorted positions but the batch has only T = ", T, " tokens");
+  c.extent({T, N}, "out (T, N)");
+  c.extent({G, R, N}, "the table (G, R, N)");
+  c.ptr(out, "out", Checker::itemsize(out_dtype));
+  c.ptr(s, "s", 4);
+  c.ptr(l, "l (the adapter table)", Checker::itemsize(l_dtype));
+  c.ptr(order, "order", 8);
+  c.ptr(offsets, "offsets", 8);
+  c.stride(stride_sm, "s's row stride", L, R, R);
+  c.stride(stride_ln, "l's output stride", N, 1);
+  c.stride(stride_lr, "l's rank stride", R, (N - 1) * stride_ln + 1);
+  c.stride(stride_lg, "l's adapter stride", G, (R - 1) * stride_lr + (N - 1) * stride_ln + 1);
+  c.stride(stride_on, "out's feature stride", N, 1, 1);
+  c.stride(stride_om, "out's token stride", T, (N - 1) * stride_on + 1, (N - 1) * stride_on + 1);
+  if (L == 0) return;
+
+  fastpeft::GroupedExpandArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.s = reinterpret_cast<const float*>(s);
+  a.l = reinterpret_cast<const void*>(l);
+  a.order = reinterpret_cast<const int64_t*>(order);
+  a.offsets = reinterpret_cast<const int64_t*>(offsets);
+  a.scale = reinterpret_cast<const float*>(scale);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.T = T, a.L = L, a.G = G, a.R = R, a.N = N;
+  a.stride_sm = stride_sm, a.stride_lg = stride_lg, a.stride_lr = stride_lr, a.stride_ln = stride_ln;
+  a.stride_om = stride_om, a.stride_on = stride_on;
+  require_grouped(reinterpret_cast<const void*>(&fastpeft::launch_grouped_expand), c);
+  raise_if_failed(fastpeft::launch_grouped_expand(a, l_dtype, out_dtype, as_stream(stream)), c.fn);
+}
+
+void grouped_lora_decode(std::uintptr_t y, std::uintptr_t x, int x_dtype, std::uintptr_t a_ptr, std::uintptr_t l,
+                         int w_dtype, std::uintptr_t slot, std::uintptr_t scale, std::uintptr_t bad_index, int64_t T,
+                         int64_t G, int64_t R, int64_t K, int64_t N, int64_t stride_xm, int64_t stride_xk,
+                         int64_t stride_ag, int64_t stride_ar, int64_t stride_ak, int64_t stride_lg,
+                         int64_t stride_lr, int64_t stride_ln, int64_t stride_ym, int64_t stride_yn,
+                         std::uintptr_t stream) {
+  const Checker c{"grouped_lora_decode"};
+  c.dtype(x_dtype, "x and y");
+  c.dtype(w_dtype, "the adapter table");
+  check_grouped(c, T, G, R, scale, true, bad_index);
+  c.positive(K, "K (in_features)");
+  c.positive(N, "N (out_features)");
+  c.extent({T, K}, "x (T, K)");
+  c.extent({T, N}, "y (T, N)");
+  c.extent({G, R, K + N}, "the table");
+  c.ptr(y, "y", Checker::itemsize(x_dtype));
+  c.ptr(x, "x", Checker::itemsize(x_dtype));
+  c.ptr(a_ptr, "a (the adapter table's A)", Checker::itemsize(w_dtype));
+  c.ptr(l, "l (the adapter table's B)", Checker::itemsize(w_dtype));
+  c.ptr(slot, "slot", 4);
+  c.stride(stride_xk, "x's feature stride", K, 1);
+  c.stride(stride_xm, "x's token stride", T, (K - 1) * stride_xk + 1);
+  c.stride(stride_ak, "a's feature stride", K, 1);
+  c.stride(stride_ar, "a's rank stride", R, (K - 1) * stride_ak + 1);
+  c.stride(stride_ag, "a's adapter stride", G, (R - 1) * stride_ar + (K - 1) * stride_ak + 1);
+  c.stride(stride_ln, "l's output stride", N, 1);
+  c.stride(stride_lr, "l's rank stride", R, (N - 1) * stride_ln + 1);
+  c.stride(stride_lg, "l's adapter stride", G, (R - 1) * stride_lr + (N - 1) * stride_ln + 1);
+  c.stride(stride_yn, "y's feature stride", N, 1, 1);
+  c.stride(stride_ym, "y's token stride", T, (N - 1) * stride_yn + 1, N);
+  if (T == 0) return;
+
+  fastpeft::GroupedDecodeArgs a{};
+  a.y = reinterpret_cast<void*>(y);
+  a.x = reinterpret_cast<const void*>(x);
+  a.a = reinterpret_cast<const void*>(a_ptr);
+  a.l = reinterpret_cast<const void*>(l);
+  a.slot = reinterpret_cast<const int32_t*>(slot);
+  a.scale = reinterpret_cast<const float*>(scale);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.T = T, a.G = G, a.R = R, a.K = K, a.N = N;
+  a.stride_xm = stride_xm, a.stride_xk = stride_xk, a.stride_ag = stride_ag, a.stride_ar = stride_ar;
+  a.stride_ak = stride_ak, a.stride_lg = stride_lg, a.stride_lr = stride_lr, a.stride_ln = stride_ln;
+  a.stride_ym = stride_ym, a.stride_yn = stride_yn;
+  require_grouped(reinterpret_cast<const void*>(&fastpeft::launch_grouped_decode), c);
+  raise_if_failed(fastpeft::launch_grouped_decode(a, x_dtype, w_dtype, as_stream(stream)), c.fn);
+}
+
 // ---- build facts -------------------------------------------------------------------------------
 
 std::vector<int> parse_archs(const std::string& s) {
@@ -355,6 +507,22 @@ PYBIND11_MODULE(FASTPEFT_MODULE_NAME, m) {
   m.def("ia3_scale_grad", &ia3_scale_grad, "dl[n] = sum_m a[m, n] * b[m, n] in fp32; deterministic", arg("out"),
         arg("out_dtype"), arg("a"), arg("b"), arg("in_dtype"), arg("M"), arg("N"), arg("a_stride_m"),
         arg("a_stride_n"), arg("b_stride_m"), arg("b_stride_n"), arg("stream"));
+  m.def("grouped_lora_shrink", &grouped_lora_shrink,
+        "s[m] = scale[g] * x[order[m]] . w[g]^T for m in segment g (fp32 s); grouped LoRA shrink", arg("s"), arg("x"),
+        arg("x_dtype"), arg("w"), arg("w_dtype"), arg("order"), arg("offsets"), arg("scale"), arg("bad_index"),
+        arg("T"), arg("L"), arg("G"), arg("R"), arg("K"), arg("stride_xm"), arg("stride_xk"), arg("stride_wg"),
+        arg("stride_wr"), arg("stride_wk"), arg("stride_sm"), arg("stream"));
+  m.def("grouped_lora_expand", &grouped_lora_expand,
+        "out[order[m]] += scale[g] * s[m] . l[g] for m in segment g; grouped LoRA expand", arg("out"),
+        arg("out_dtype"), arg("s"), arg("l"), arg("l_dtype"), arg("order"), arg("offsets"), arg("scale"),
+        arg("bad_index"), arg("T"), arg("L"), arg("G"), arg("R"), arg("N"), arg("stride_sm"), arg("stride_lg"),
+        arg("stride_lr"), arg("stride_ln"), arg("stride_om"), arg("stride_on"), arg("stream"));
+  m.def("grouped_lora_decode", &grouped_lora_decode,
+        "y[t] += scale[g] * (x[t] . a[g]^T) . l[g], g = slot[t] (-1 skips); fused BGMV decode", arg("y"), arg("x"),
+        arg("x_dtype"), arg("a"), arg("l"), arg("w_dtype"), arg("slot"), arg("scale"), arg("bad_index"), arg("T"),
+        arg("G"), arg("R"), arg("K"), arg("N"), arg("stride_xm"), arg("stride_xk"), arg("stride_ag"),
+        arg("stride_ar"), arg("stride_ak"), arg("stride_lg"), arg("stride_lr"), arg("stride_ln"), arg("stride_ym"),
+        arg("stride_yn"), arg("stream"));
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
 
   py::dict codes;

@@ -229,3 +229,73 @@ def ia3_scale_grad(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = to
                          a_stride_n=a.stride(1), b_stride_m=b.stride(0), b_stride_n=b.stride(1),
                          stream=torch.cuda.current_stream(device).cuda_stream)
     return out
+
+
+# ---- grouped LoRA (mixed-adapter batches) ------------------------------------------------------
+
+def _grouped_flag_check(flag: torch.Tensor | None, what: str) -> None:
+    if flag is not None:
+        torch._assert_async(flag[0] == 0, f"{what}: a plan index (order, offsets or slot) is out of range")
+
+
+def grouped_lora_shrink(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, max_len: int, w: torch.Tensor,
+                        scale: torch.Tensor | None) -> torch.Tensor:
+    """fp32 s (len(order), R): s[m] = scale[g]·x[order[m]]·w[g]ᵀ for m in segment g; w (G, R, K), any strides."""
+    C = _lib()
+    device = _on_cuda(x=x, order=order, offsets=offsets, w=w, scale=scale)
+    G, R, K = w.shape
+    s = torch.empty((order.shape[0], R), dtype=torch.float32, device=device)
+    flag = _index_flag(device)
+    with torch.cuda.device(device):
+        C.grouped_lora_shrink(
+            s=s.data_ptr(), x=x.data_ptr(), x_dtype=_code(x, "x"), w=w.data_ptr(), w_dtype=_code(w, "the adapter table"),
+            order=order.data_ptr(), offsets=offsets.data_ptr(), scale=_ptr(scale), bad_index=_ptr(flag),
+            T=x.shape[0], L=order.shape[0], G=G, R=R, K=K, stride_xm=x.stride(0), stride_xk=x.stride(1),
+            stride_wg=w.stride(0), stride_wr=w.stride(1), stride_wk=w.stride(2), stride_sm=s.stride(0),
+            stream=torch.cuda.current_stream(device).cuda_stream)
+    _grouped_flag_check(flag, "grouped_lora_shrink")
+    return s
+
+
+def grouped_lora_expand(s: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, max_len: int, lo: torch.Tensor,
+                        scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out[order[m]] += scale[g]·s[m]·lo[g] in place; s fp32 (L, R) rows contiguous, lo (G, R, N) any strides."""
+    C = _lib()
+    device = _on_cuda(s=s, order=order, offsets=offsets, lo=lo, scale=scale, out=out)
+    G, R, N = lo.shape
+    if s.dtype != torch.float32 or s.stride(1) != 1:
+        raise ValueError(f"s must be float32 with contiguous rows, got {s.dtype} strides {s.stride()}")
+    flag = _index_flag(device)
+    with torch.cuda.device(device):
+        C.grouped_lora_expand(
+            out=out.data_ptr(), out_dtype=_code(out, "out"), s=s.data_ptr(), l=lo.data_ptr(),
+            l_dtype=_code(lo, "the adapter table"), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            scale=_ptr(scale), bad_index=_ptr(flag), T=out.shape[0], L=order.shape[0], G=G, R=R, N=N,
+            stride_sm=s.stride(0), stride_lg=lo.stride(0), stride_lr=lo.stride(1), stride_ln=lo.stride(2),
+            stride_om=out.stride(0), stride_on=out.stride(1), stream=torch.cuda.current_stream(device).cuda_stream)
+    _grouped_flag_check(flag, "grouped_lora_expand")
+    return out
+
+
+def grouped_lora_decode(x: torch.Tensor, slot: torch.Tensor, a: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+    """y[t] += scale[g]·(x[t]·a[g]ᵀ)·lo[g] in place for g = slot[t] ≥ 0 (int32); a (G, R, K), lo (G, R, N)."""
+    C = _lib()
+    device = _on_cuda(x=x, slot=slot, a=a, lo=lo, scale=scale, y=y)
+    G, R, K = a.shape
+    N = lo.shape[2]
+    if a.dtype != lo.dtype:
+        raise ValueError(f"the table's A and B must share a dtype, got {a.dtype} and {lo.dtype}")
+    if x.dtype != y.dtype:
+        raise ValueError(f"x and y must share a dtype, got {x.dtype} and {y.dtype}")
+    flag = _index_flag(device)
+    with torch.cuda.device(device):
+        C.grouped_lora_decode(
+            y=y.data_ptr(), x=x.data_ptr(), x_dtype=_code(x, "x"), a=a.data_ptr(), l=lo.data_ptr(),
+            w_dtype=_code(a, "the adapter table"), slot=slot.data_ptr(), scale=scale.data_ptr(), bad_index=_ptr(flag),
+            T=x.shape[0], G=G, R=R, K=K, N=N, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ag=a.stride(0),
+            stride_ar=a.stride(1), stride_ak=a.stride(2), stride_lg=lo.stride(0), stride_lr=lo.stride(1),
+            stride_ln=lo.stride(2), stride_ym=y.stride(0), stride_yn=y.stride(1),
+            stream=torch.cuda.current_stream(device).cuda_stream)
+    _grouped_flag_check(flag, "grouped_lora_decode")
+    return y

@@ -107,6 +107,11 @@ def test_torch_keep_mask_rate_and_independence():
         keep = lora_op.keep_mask(257, 129, p, gen, torch.device("cpu"), torch.float32)  # odd numel: a partial draw
         assert keep.shape == (257, 129)
         assert abs(keep.mean().item() - (1 - p)) < 0.01, p
+    for p in (0.05, 0.5):  # small masks (one bernoulli_ draw): same rate, fresh draws
+        small = torch.stack([lora_op.keep_mask(7, 33, p, gen, torch.device("cpu"), torch.float32) for _ in range(60)])
+        assert 7 * 33 <= lora_op._SMALL_MASK and set(small.unique().tolist()) <= {0.0, 1.0}
+        assert abs(small.mean().item() - (1 - p)) < 0.015, p
+        assert not torch.equal(small[0], small[1])
     a = lora_op.keep_mask(64, 64, 0.5, gen, torch.device("cpu"), torch.float32)
     b = lora_op.keep_mask(64, 64, 0.5, gen, torch.device("cpu"), torch.float32)
     assert abs((a * b).mean().item() - 0.25) < 0.03  # successive draws independent

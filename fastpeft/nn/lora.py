@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
+from ..ops.grouped_lora import grouped_lora_linear, plan_groups
 from ._base import AdapterLayer, adapter_dtype, merge_dtype
 
 
@@ -104,22 +105,28 @@ class LoraLinear(AdapterLayer):
         return y
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Each batch row through its own adapter ("__base__": none)."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
-        known = set(self.adapters()) | {"__base__"}
-        unknown = sorted(set(adapter_names) - known)
+        """Each batch row through its own adapter ("__base__": none): the base projection once for the
+        whole batch, the low-rank terms grouped by adapter (`ops.grouped_lora_linear`).  Works in training
+        mode too: each row's loss reaches only its adapter's parameters."""
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            rows = x.shape[0] if x.dim() >= 2 else "no"
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {rows} rows")
+        tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1]) if x.numel() else 0
+        plan = plan_groups(adapter_names, tokens_per_row, x.device)
+        mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
+        unknown = [n for n in plan.names if n not in mods_a]
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has {sorted(known)}")
-        out = None
-        for name in dict.fromkeys(adapter_names):
-            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
-            xs = x.index_select(0, rows)
-            ys = self.base_layer(xs) if name == "__base__" else self._lora_op(xs, name, self.base_layer.bias)
-            if out is None:
-                out = ys.new_empty((x.shape[0], *ys.shape[1:]))
-            out = out.index_copy(0, rows, ys)
-        return out
+            known = sorted(set(self.adapters()) | {"__base__"})
+            raise ValueError(f"unknown adapter(s) {sorted(unknown)} in adapter_names; this layer has {known}")
+        base = self.base_layer
+        drops = self.lora_dropout._modules
+        ps = [d.p if type(d) is nn.Dropout else 0.0 for d in map(drops.__getitem__, plan.names)] if self.training \
+            else 0.0
+        return grouped_lora_linear(
+            x, base.weight.t() if self.fan_in_fan_out else base.weight, base.bias, plan,
+            [mods_a[n]._parameters["weight"] for n in plan.names], [mods_b[n]._parameters["weight"] for n in plan.names],
+            [self.scaling[n] for n in plan.names], ps, self.training,
+            table_cache=self.__dict__.setdefault("_grouped_table", {}))
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B·A in the base weight's layout (transposed for Conv1D) and dtype."""

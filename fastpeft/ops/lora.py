@@ -80,6 +80,7 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 
 _THRESHOLDS: dict[tuple, torch.Tensor] = {}
+_SMALL_MASK = 2048  # elements: below this `bernoulli_` (exact p) is cheaper than the 16-bit draw
 
 
 def keep_mask(m: int, k: int, p: float, gen: torch.Generator | None, device: torch.device,
@@ -88,13 +89,16 @@ def keep_mask(m: int, k: int, p: float, gen: torch.Generator | None, device: tor
     (row-major) from torch's generator `gen` (None: the default one), kept when below (1-p)·2¹⁶,
     i.e. Bernoulli(1-p) with p rounded to a multiple of 2⁻¹⁶.  Four elements per 64-bit draw:
     several times cheaper on a CPU than `bernoulli_`, which matters because the backward draws the
-    mask a second time instead of keeping it."""
+    mask a second time instead of keeping it.  Masks of at most `_SMALL_MASK` elements are one
+    `bernoulli_(1-p)` draw instead (exact p), where a single op costs less than five."""
+    n = m * k
+    if n <= _SMALL_MASK:  # a small mask: one op beats five (per-op cost dominates at this size)
+        return torch.empty((m, k), dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
     key = (device, p)
     thresh = _THRESHOLDS.get(key)
     if thresh is None:  # a 0-d int16 tensor: comparing with a Python int takes a slow path
         level = min(32767, round((1.0 - p) * 65536) - 32768)
         thresh = _THRESHOLDS[key] = torch.tensor(level, dtype=torch.int16, device=device)
-    n = m * k
     bits = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
     r = bits.view(torch.int16)
     if r.shape[0] != n:

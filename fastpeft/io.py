@@ -20,8 +20,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Callable
 
 import torch
@@ -49,8 +49,9 @@ def _fsync_dir(directory: str) -> None:
 def _atomic(path: str, write: Writer) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
+    # a fresh name the writer creates itself: the file's mode follows the umask (0644 under 022, as PEFT's
+    # files), where mkstemp would leave it 0600 and unreadable to a serving process under another user
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(8)}")
     try:
         write(tmp)
         os.replace(tmp, path)

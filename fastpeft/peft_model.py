@@ -23,7 +23,7 @@ from .nn._base import AdapterLayer
 from .nn.lora import LoraLinear
 from .tuners import inject_adapter, mark_trainable, wrap_modules_to_save
 
-_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "ia3_l")
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "ia3_l", "bottleneck_adapters")
 _SEQ_CLS_HEADS = ["classifier", "score"]
 
 
@@ -50,6 +50,14 @@ class TunerModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)  # as PEFT's tuner (LoraModel) does
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         batch = _batch_rows(args, kwargs)
@@ -86,7 +94,7 @@ def check_adapter_names(model: nn.Module, adapter_names: Any, batch: int | None)
                          f"name per row (it is not repeated over the rows)")
     held: set[str] = set()
     for module in model.modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLinear) or type(module).__name__ == "BottleneckWrapper":
             held.update(module.adapters())
         elif isinstance(module, AdapterLayer):
             raise ValueError(f"adapter_names (mixed-adapter batches) is supported for LoRA only, not for "
@@ -117,6 +125,8 @@ def _batch_adapters(model: nn.Module, adapter_names: list[str] | None, batch: in
                 kwargs["adapter_names"] = _rows_names(own, args[0].shape[0], expand)
                 return args, kwargs
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        elif type(module).__name__ == "BottleneckWrapper":  # fastpeft.nn.bottleneck: rows routed in the layer
+            handles.append(module.route_rows(names, expand))
         elif isinstance(module, ModulesToSaveWrapper):
             def mts_hook(mod, args, kwargs, output):
                 return _modules_to_save_rows(mod, args, kwargs, output, _rows_names(names, args[0].shape[0], expand))
@@ -195,6 +205,40 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, peft_config)  # on failure it gives `model` back as it came
         if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
             self.config = model.config
+        from .integrations import hf_trainer
+
+        self.__class__ = hf_trainer.peft_compatible_class(type(self))  # transformers / TRL see a peft.PeftModel
+
+    # ------------------------------------------------------------------ PEFT's properties
+    # Properties, not plain attributes: when `peft` is installed the model's class also derives from
+    # peft.PeftModel (see fastpeft.integrations.hf_trainer), whose properties of these names would win.
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        try:
+            return self.__dict__["_peft_config"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, PeftConfig]) -> None:
+        self.__dict__["_peft_config"] = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return not self._adapters_disabled
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {m for c in self.peft_config.values() for m in (c.modules_to_save or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -366,11 +410,29 @@ class PeftModel(nn.Module):
                 trainable += n
         return trainable, total
 
+    def nearest_tokens(self, k: int = 5, tokenizer: Any = None, adapter_name: str | None = None):
+        """Per virtual token, its k nearest vocabulary tokens by cosine similarity, as (token, similarity)
+        (decoded with `tokenizer` when given, ids otherwise); prompt tuning and P-tuning
+        (fastpeft.prompt_learning.interpret)."""
+        if not self.is_prompt_learning:
+            raise ValueError(f"nearest_tokens reads soft prompts; this model holds {self.peft_type.value} adapters")
+        from .prompt_learning.interpret import nearest_tokens
+
+        return nearest_tokens(self, k=k, tokenizer=tokenizer, adapter_name=adapter_name)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ merging
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """A new LoRA adapter combining `adapters` (linear, cat or svd; PEFT's method and numbers,
+        see fastpeft.weighted_adapter)."""
+        from .weighted_adapter import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     def _adapter_layers(self) -> list[AdapterLayer]:
         if self.is_prompt_learning:
             raise ValueError(f"{self.peft_type.value} adapters have no weights to merge")
@@ -437,16 +499,20 @@ class PeftModel(nn.Module):
         return self._unwrap(False)
 
     # ------------------------------------------------------------------ saving / loading
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's file keys (adapter name removed)."""
+    def adapter_state_dict(self, adapter_name: str | None = None,
+                           state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's file keys (adapter name removed); read from `state_dict`
+        (this model's full state dict, e.g. gathered by accelerate/FSDP) when given."""
         adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}")
         config = self.peft_config[adapter_name]
         out: dict[str, torch.Tensor] = {}
         if self.is_prompt_learning:
             from . import prompt_learning
 
             out.update(prompt_learning.state_dict_to_save(self, adapter_name))
-        state = self.state_dict()
+        state = self.state_dict() if state_dict is None else state_dict
         for live, saved in self._adapter_key_map(adapter_name, state).items():
             out[saved] = state[live] if live not in out else out[live]
         if isinstance(config, LoraConfig) and config.bias != "none":
@@ -473,9 +539,15 @@ class PeftModel(nn.Module):
         return mapping
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        **_: Any) -> None:
+                        is_main_process: bool = True, push_to_hub: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors
-        (the "default" adapter at the top, others in sub-folders named after them)."""
+        (the "default" adapter at the top, others in sub-folders named after them).  transformers'
+        Trainer calls this with `is_main_process` (other ranks write nothing) and maybe a gathered
+        `state_dict`; `push_to_hub=True` also uploads the folder (with a model card) to the repo named
+        `repo_id` (default: the folder's name), as PEFT."""
+        if not is_main_process:
+            return
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file, not a folder")
@@ -500,18 +572,55 @@ class PeftModel(nn.Module):
             finally:
                 config.inference_mode = inference_mode
             # the pair is replaced as a set: a kill at any point leaves the old adapter or the new one
-            io.write_file_set(directory, {io.WEIGHTS_NAME: io.tensors_writer(self.adapter_state_dict(name)),
-                                          CONFIG_NAME: io.text_writer(text)})
+            tensors = self.adapter_state_dict(name, state_dict)
+            io.write_file_set(directory, {io.WEIGHTS_NAME: io.tensors_writer(tensors), CONFIG_NAME: io.text_writer(text)})
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            hub_args = {k: kwargs[k] for k in ("commit_message", "private", "token", "revision", "create_pr")
+                        if k in kwargs}
+            self.push_to_hub(repo_id, selected_adapters=names, **hub_args)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     config: PeftConfig | None = None) -> None:
-        """Load the adapter saved in `model_id` under the name `adapter_name`."""
-        model_id = str(model_id)
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write (or update, keeping its text) README.md in `output_dir` as PEFT does: library_name "peft",
+        the base model, the method's tags (transformers' Trainer calls this when it writes a card)."""
+        from . import hub
+
+        path = os.path.join(os.fspath(output_dir), hub.MODEL_CARD_NAME)
+        existing = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                existing = fh.read()
+        io.atomic_write_text(path, hub.model_card_text(self, existing))
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    selected_adapters: list[str] | None = None, commit_description: str | None = None,
+                    **_: Any) -> Any:
+        """Upload the adapter folder (save_pretrained's files plus a model card, README.md) to the Hub
+        repo `repo_id` in one commit, through huggingface_hub's HfApi; returns its CommitInfo."""
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                               revision=revision, create_pr=create_pr, selected_adapters=selected_adapters,
+                               commit_description=commit_description)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+                     config: PeftConfig | None = None, **kwargs: Any) -> None:
+        """Load the adapter saved in `model_id` (a folder or a Hub repo id; `revision`, `subfolder`,
+        `token`, `cache_dir`, `local_files_only`) under the name `adapter_name`.  With is_trainable=True an
+        adapter of that name that already exists gets the file's weights (PEFT's behaviour, which
+        transformers' Trainer relies on to resume from a checkpoint); otherwise an existing name is refused,
+        so that a load never silently replaces trained weights."""
+        from . import hub
+
         check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config and not is_trainable:
+            raise ValueError(f"adapter {adapter_name!r} already exists; load under another name or delete it first "
+                             "(is_trainable=True loads the file's weights into it, as a resumed training run does)")
+        model_id = hub.resolve_adapter(model_id, **hub.hub_kwargs(kwargs))
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; load under another name or delete it first")
-        if not os.path.isdir(model_id):
-            raise FileNotFoundError(f"adapter folder {model_id} does not exist (fastpeft loads from local folders)")
+            self._reload_adapter(model_id, adapter_name, config)
+            return
         config = config or PeftConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         tensors = io.load_tensors(model_id, device="cpu")
@@ -522,6 +631,16 @@ class PeftModel(nn.Module):
             if len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)
             raise
+
+    def _reload_adapter(self, model_id: str, adapter_name: str, config: PeftConfig | None) -> None:
+        """Copy the weights saved in `model_id` into the existing adapter `adapter_name` (same method and
+        shapes, checked before anything is copied)."""
+        saved = config or PeftConfig.from_pretrained(model_id)
+        if saved.peft_type != self.peft_type:
+            raise ValueError(f"{model_id} holds a {saved.peft_type.value} adapter; adapter {adapter_name!r} of this "
+                             f"model is {self.peft_type.value}")
+        self._load_tensors(adapter_name, io.load_tensors(model_id, device="cpu"),
+                           io.adapter_file(model_id, io.WEIGHTS_NAME))
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         tensors = dict(tensors)
@@ -555,15 +674,17 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **_: Any) -> "PeftModel":
-        """Wrap `model` with the adapter saved in `model_id` (a PEFT or fastpeft adapter folder)."""
-        model_id = str(model_id)
+                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":
+        """Wrap `model` with the adapter saved in `model_id`: a PEFT or fastpeft adapter folder, or a Hub
+        repo id (keywords `revision`, `subfolder`, `token`, `cache_dir`, `local_files_only`; the local
+        cache serves, HF_HUB_OFFLINE=1 is honoured)."""
+        from . import hub
+
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel: load another adapter into it with "
                              "model.load_adapter(model_id, adapter_name=...) (its adapters are left untouched)")
         check_adapter_name(adapter_name)
-        if not os.path.isdir(model_id):
-            raise FileNotFoundError(f"adapter folder {model_id} does not exist (fastpeft loads from local folders)")
+        model_id = hub.resolve_adapter(model_id, **hub.hub_kwargs(kwargs))
         config = config or PeftConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         tensors = io.load_tensors(model_id, device="cpu")
@@ -659,7 +780,20 @@ class PeftModelForSequenceClassification(_NamedInputs, PeftModel):
     pass
 
 
-MODEL_TYPE_TO_PEFT_MODEL = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification}
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models (T5, BART); forward names the inputs as PEFT's class does (HF Trainer reads
+    the signature).  Prompt learning on them: fastpeft.prompt_learning.seq2seq."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, **kwargs):
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
+                 "decoder_inputs_embeds": decoder_inputs_embeds, "labels": labels}
+        return PeftModel.forward(self, **{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+MODEL_TYPE_TO_PEFT_MODEL = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification,
+                            "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM}
 
 
 def as_fastpeft_config(config: Any) -> PeftConfig:
@@ -680,3 +814,27 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     peft_config = as_fastpeft_config(peft_config)
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(_task(peft_config), PeftModel)
     return cls(model, peft_config, adapter_name)
+
+
+def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default", **_: Any) -> dict[str, torch.Tensor]:
+    """The tensors save_pretrained writes for `adapter_name`, under PEFT's file keys (PEFT's function of the
+    same name); read from `state_dict` (the model's full state dict) when given."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"get_peft_model_state_dict takes a fastpeft PeftModel, got {type(model).__name__}")
+    return model.adapter_state_dict(adapter_name, state_dict)
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", **_: Any):
+    """Copy adapter tensors under PEFT's file keys into the existing adapter `adapter_name` (PEFT's function
+    of the same name).  Every key and shape is checked before anything is copied; unlike PEFT a key that
+    does not fit is an error, so the returned (missing, unexpected) keys are always empty."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"set_peft_model_state_dict takes a fastpeft PeftModel, got {type(model).__name__}")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(model.peft_config)}")
+    model._load_tensors(adapter_name, peft_model_state_dict, "the given state dict")
+    return _IncompatibleKeys([], [])

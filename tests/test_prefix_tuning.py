@@ -193,8 +193,9 @@ def _tiny_t5():
 @pytest.mark.parametrize("config", [prefix_config(False), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM",
                                                                                       num_virtual_tokens=3)])
 def test_prompt_learning_on_an_encoder_decoder_is_refused_not_silently_wrong(config):
-    # PEFT builds 2 submodules' worth of prompt for a seq2seq model; fastpeft would apply the prefix nowhere
-    with pytest.raises(NotImplementedError, match="num_transformer_submodules"):
+    # an encoder-decoder model needs PEFT's seq2seq layout (task_type SEQ_2_SEQ_LM: 2 submodules' worth of
+    # prompt); any other task type would apply the prefix nowhere, so it is refused by name
+    with pytest.raises(ValueError, match="SEQ_2_SEQ_LM"):
         fastpeft.get_peft_model(_tiny_t5(), config)
 
 

@@ -29,6 +29,7 @@ from ..integrations import transformers_attention as attn
 from ..integrations.generation import cache_length, find_cache
 from ..ops import soft_prompt_embed
 from ..ops._common import value_checks
+from . import seq2seq
 from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, build_encoder
 
 __all__ = ["setup_adapter", "forward", "generate", "state_dict_to_save", "load_state", "PromptEmbedding",
@@ -49,12 +50,13 @@ def prepare_config(config: PeftConfig, model_config: Any) -> None:
         raise ValueError(f"cannot read {what} from the base model's config ({type(text).__name__}); "
                          f"set it in {type(config).__name__}")
 
-    if config.num_transformer_submodules is None:  # PEFT's rule: 2 (encoder and decoder) on seq2seq models
-        seq2seq = getattr(text, "is_encoder_decoder", False) or getattr(model_config, "is_encoder_decoder", False)
-        config.num_transformer_submodules = 2 if seq2seq else 1
-    if config.num_transformer_submodules != 1:
-        raise NotImplementedError("fastpeft supports decoder-only and encoder-only models "
-                                  "(num_transformer_submodules=1)")
+    enc_dec = bool(getattr(text, "is_encoder_decoder", False) or getattr(model_config, "is_encoder_decoder", False))
+    task = getattr(config.task_type, "value", config.task_type)
+    if config.num_transformer_submodules is None:  # PEFT's rule: 2 (encoder and decoder) for SEQ_2_SEQ_LM
+        config.num_transformer_submodules = 2 if task == "SEQ_2_SEQ_LM" else 1
+    if config.num_transformer_submodules != 1 and not enc_dec and task != "SEQ_2_SEQ_LM":  # that: check_model
+        raise ValueError(f"num_transformer_submodules={config.num_transformer_submodules} is for encoder-decoder "
+                         f"models; {type(model_config).__name__} is not one (use 1)")
     if config.num_layers is None:
         config.num_layers = first("num_hidden_layers", "num_layers", "n_layer", what="num_layers")
     if config.token_dim is None:
@@ -77,7 +79,8 @@ def setup_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) 
     if getattr(model, "config", None) is None:
         raise TypeError(f"prompt learning needs a transformers model with a config, got {type(model).__name__}")
     prepare_config(config, model.config)
-    if isinstance(config, PrefixTuningConfig):
+    seq2seq.check_model(model, config)
+    if isinstance(config, PrefixTuningConfig) and not seq2seq.is_encoder_decoder(model):
         if config.token_dim % config.num_attention_heads:
             raise ValueError(f"token_dim ({config.token_dim}) must be a multiple of num_attention_heads "
                              f"({config.num_attention_heads})")
@@ -173,6 +176,9 @@ def forward(peft_model: nn.Module, input_ids: torch.Tensor | None = None, attent
     batch = _batch_size(input_ids, inputs_embeds)
     table, index = _tables(peft_model, prompt_index, adapters, batch)
     P = table.shape[-2]
+    if seq2seq.is_encoder_decoder(model):
+        return seq2seq.forward(peft_model, table, index, _is_prefix(config), input_ids=input_ids,
+                               attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
     seq_cls = _is_seq_cls(config)
     if kwargs.get("token_type_ids") is not None and not seq_cls:
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
@@ -239,6 +245,8 @@ def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | Non
     with torch.no_grad():
         table, index = _tables(peft_model, prompt_index, adapters, input_ids.shape[0])
     P = table.shape[-2]
+    if seq2seq.is_encoder_decoder(model):
+        return seq2seq.generate(peft_model, table, index, _is_prefix(config), *args, **kwargs)
     if _is_prefix(config):
         prepare = _prefix_prepare(model, P)
         ctx = attn.prefix_context(_prefix_kv(table, config), index, model.config)

@@ -22,10 +22,25 @@ class PromptEmbedding(nn.Module):
         super().__init__()
         total = config.num_virtual_tokens * config.num_transformer_submodules
         self.embedding = nn.Embedding(total, config.token_dim)
-        if config.inference_mode or config.prompt_tuning_init == "RANDOM":
+        if config.inference_mode:
             return
-        if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, word_embeddings.num_embeddings, (total,), dtype=torch.long)
+        init = config.prompt_tuning_init
+        if init == "RANDOM":
+            bound = getattr(config, "prompt_tuning_init_range", None)
+            if bound is not None:  # Lester et al.'s random init: uniform in [-0.5, 0.5]
+                with torch.no_grad():
+                    self.embedding.weight.uniform_(-bound, bound)
+            return
+        if init == "CLASS_LABELS":
+            from .init import class_label_rows
+
+            rows = class_label_rows(config, word_embeddings, total)
+            self.embedding.weight = nn.Parameter(rows)
+            return
+        if init == "SAMPLE_VOCAB":
+            top_k = getattr(config, "prompt_tuning_vocab_top_k", None)
+            high = word_embeddings.num_embeddings if top_k is None else min(top_k, word_embeddings.num_embeddings)
+            ids = torch.randint(0, high, (total,), dtype=torch.long)
         else:
             ids = _text_token_ids(config, total)
         ids = ids.to(word_embeddings.weight.device)
@@ -37,15 +52,20 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight
 
 
-def _text_token_ids(config: PromptTuningConfig, total: int) -> torch.Tensor:
-    """The init text's token ids, cut or repeated to `total` (PEFT's TEXT init)."""
+def load_tokenizer(config: PromptTuningConfig):
+    """The config's tokenizer (tokenizer_name_or_path; never with remote code)."""
     from transformers import AutoTokenizer
 
     kwargs = dict(config.tokenizer_kwargs or {})
     kwargs.pop("trust_remote_code", None)  # a checkpoint must not be able to run code
     if not config.tokenizer_name_or_path:
-        raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        raise ValueError(f"prompt_tuning_init={config.prompt_tuning_init!r} needs tokenizer_name_or_path")
+    return AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+
+
+def _text_token_ids(config: PromptTuningConfig, total: int) -> torch.Tensor:
+    """The init text's token ids, cut or repeated to `total` (PEFT's TEXT init)."""
+    tokenizer = load_tokenizer(config)
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ValueError(f"prompt_tuning_init_text {config.prompt_tuning_init_text!r} tokenizes to no tokens")

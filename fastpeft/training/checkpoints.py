@@ -155,7 +155,9 @@ def _write_bytes(path: str, data: bytes) -> None:
 def _fsync_tree(folder: str) -> None:
     for name in os.listdir(folder):
         file = os.path.join(folder, name)
-        if os.path.isfile(file):
+        if os.path.isdir(file):  # the per-rank shards of an FSDP checkpoint
+            _fsync_tree(file)
+        elif os.path.isfile(file):
             fd = os.open(file, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -228,14 +230,34 @@ def write_error(err: BaseException, what: str, path: str, needed: int) -> Checkp
     return out
 
 
+def staging_path(path: str) -> str:
+    """The temporary folder checkpoint `path` is written into before the rename."""
+    return path.rstrip("/\\") + ".tmp"
+
+
+def prepare_staging(path: str) -> str:
+    """Create an empty staging folder for checkpoint `path` (for writers other than rank 0 to fill
+    before `write_checkpoint(..., staged=True)` completes it); returns it."""
+    tmp = staging_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def discard_staging(path: str) -> None:
+    shutil.rmtree(staging_path(path), ignore_errors=True)
+
+
 def write_checkpoint(path: str, save_adapter: Callable[[str], None], state: bytes, info: dict[str, Any],
-                     needed: int) -> None:
+                     needed: int, staged: bool = False) -> None:
     """Write checkpoint folder `path` as a set: adapter (via `save_adapter(folder)`), trainer state
-    bytes and the JSON summary into `path.tmp`, fsync, then rename over `path`."""
-    tmp = path.rstrip("/\\") + ".tmp"
+    bytes and the JSON summary into `path.tmp`, fsync, then rename over `path`.  `staged`: the
+    staging folder exists already and holds files the other ranks wrote (FSDP shards): it is
+    completed, not emptied, and renamed only now that every rank's part is in it."""
+    tmp = staging_path(path)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        if not staged:
+            prepare_staging(path)
         save_adapter(tmp)
         _write_bytes(os.path.join(tmp, STATE_NAME), state)
         _write_bytes(os.path.join(tmp, STATE_JSON), json.dumps(info, indent=2).encode("utf-8"))

@@ -23,16 +23,25 @@ anything non-finite is saved; SIGTERM/SIGINT/SIGUSR1 stop after the current step
 (`RunLockedError`).
 
 Past one GPU: under `torchrun` (WORLD_SIZE > 1) the process group is initialised (nccl on CUDA, gloo
-on CPU), the PeftModel is wrapped in DistributedDataParallel, which all-reduces only the adapter
-gradients (frozen base weights take no part), and each rank reads its share of every global batch;
-only rank 0 prints and writes; every rank's RNG state goes into the checkpoint.  FSDP2
-(`torch.distributed.fsdp.fully_shard`) is not wired into this trainer: a frozen base model that fits
-one GPU is replicated, which is what DDP does; sharding a base too big for one GPU needs the adapter
-tensors gathered (DTensor.full_tensor) before `save_pretrained`, which this trainer does not do yet.
+on CPU) and each rank reads its share of every global batch; only rank 0 prints and writes the
+adapter; every rank's RNG state goes into the checkpoint.  By default the PeftModel is wrapped in
+DistributedDataParallel, which all-reduces only the adapter gradients (a frozen base that fits one
+device is replicated).  `fsdp=True` shards the base instead (FSDP2 `fully_shard` per decoder layer plus
+the root, see `.fsdp`): each rank holds 1/world of the frozen weights, adapters are gathered in full
+for the PEFT file, and the optimizer state is checkpointed as per-rank shards through
+`torch.distributed.checkpoint`.  The process group this trainer opened is destroyed when the process
+exits (or by `Trainer.close()`), after all ranks reach the same point: a rank that leaves with gloo's
+threads running aborts ("terminate called without an active exception").
+
+Dropout masks do not depend on the number of processes: before each micro-batch the torch generator is
+seeded from (seed, step, the micro-batch's slot in the global batch), so one process with
+`grad_accum × world` micro-batches of the same size draws, row for row, the masks the ranks draw, and a
+resumed run draws what the uninterrupted one did.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -81,7 +90,9 @@ class TrainArgs:
     min_lr_ratio: float = 0.0              # cosine decays to learning_rate × min_lr_ratio
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"            # "no" | "bf16" | "fp16" (autocast)
-    gradient_checkpointing: bool = False   # not with prefix tuning
+    gradient_checkpointing: bool = False   # not with prefix tuning; per decoder layer (also under fsdp)
+    fsdp: bool = False                     # under torchrun: shard the base with FSDP2 instead of DDP
+    fsdp_cpu_offload: bool = False         # with fsdp on CUDA: keep shards and optimizer state in CPU memory
     eval_every: int | None = None          # steps between evaluations (and one at the end)
     eval_fraction: float | None = None     # hold out this share of the training data when no eval data
     save_every: int | None = None          # steps between checkpoints (and the final adapter at the end)
@@ -115,6 +126,11 @@ class TrainArgs:
         if self.eval_fraction is not None and (not _finite(self.eval_fraction) or not 0.0 < self.eval_fraction < 1.0):
             raise ValueError(f"eval_fraction must be in (0, 1) or None, got {self.eval_fraction}")
         self.betas = tuple(self.betas)
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError("fsdp_cpu_offload needs fsdp=True")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("fsdp=True trains in fp32 or bf16 (mixed_precision 'no' or 'bf16'); fp16 needs a loss "
+                             "scaler over sharded gradients, which this trainer does not have")
         if len(self.betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
@@ -158,6 +174,10 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+_OWNED_GROUP: list[bool] = []  # [True] once this module opened the default process group
+_CLEAN_END: list[bool] = []    # [True] while the last Trainer.train() of this process returned normally
+
+
 def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
@@ -167,6 +187,9 @@ def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not _OWNED_GROUP:
+            _OWNED_GROUP.append(True)
+            atexit.register(lambda: shutdown_distributed(barrier=bool(_CLEAN_END)))
     d = _dist()
     rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
     if device is None:
@@ -178,6 +201,34 @@ def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     if dev.type == "cuda":
         torch.cuda.set_device(dev.index if dev.index is not None else 0)
     return rank, world, dev
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Destroy the process group this module opened (a no-op otherwise, or when already destroyed).
+    With `barrier`, first wait (bounded) until every rank gets here, so that no rank tears its
+    connections down while another still talks to it.  Registered to run at interpreter exit (with the
+    barrier only after a training run that ended normally: after a failure a peer may never come),
+    before Python's finalisation would destroy gloo's threads unjoined."""
+    if not _OWNED_GROUP:
+        return
+    d = _dist()
+    if d is None:
+        return
+    if barrier:
+        with contextlib.suppress(Exception):  # a rank that died: leave without waiting for it
+            if d.get_backend() == "gloo":
+                import datetime
+
+                d.monitored_barrier(timeout=datetime.timedelta(seconds=30), wait_all_ranks=True)
+            else:
+                d.barrier()
+    with contextlib.suppress(Exception):
+        d.destroy_process_group()
+
+
+def _micro_batch_seed(seed: int, step: int, slot: int) -> int:
+    """The torch seed of micro-batch `slot` (k × world + rank) of optimizer step `step`."""
+    return (seed * 1_000_003 + step) * 4099 + slot + 1
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -258,6 +309,9 @@ class Trainer:
         self.trainable_params = sum(p.numel() for p in _trainable(self.model).values())
         if self.trainable_params == 0:
             raise ValueError("the model has no trainable parameters (was the adapter loaded with is_trainable=False?)")
+        self.fsdp = False
+        if args.fsdp:
+            self._shard()
 
         self.pad_id = self._pad_id()
         self.train_examples: list[Example] = load_examples(train_dataset, self.tokenizer, args.max_seq_len,
@@ -290,6 +344,35 @@ class Trainer:
         # every rank draws its own dropout masks
         torch.manual_seed(args.seed + 1 + self.rank)
         random.seed(args.seed + 1 + self.rank)
+
+    def _shard(self) -> None:
+        """fsdp=True: FSDP2 units per decoder layer and the root (see `.fsdp`); one process: nothing to shard."""
+        from . import fsdp
+
+        if self.model.is_prompt_learning:
+            raise ValueError(f"fsdp=True shards LoRA and IA3 models; {self.model.peft_type.value} keeps its "
+                             f"parameters outside the decoder layers, train it with DDP (fsdp=False)")
+        if self.world_size == 1:
+            self._log("fsdp: one process, nothing to shard; training unsharded")
+            return
+        param_dtype = fsdp.mixed_precision_dtype(self.model, _AUTOCAST[self.args.mixed_precision])
+        layers = fsdp.shard_model(self.model, self.device, param_dtype, self.args.fsdp_cpu_offload)
+        self.fsdp = True
+        sizes = fsdp.parameter_bytes(self.model)
+        self._log(f"fsdp: {len(layers)} decoder layers + root sharded over {self.world_size} ranks | frozen "
+                  f"{fmt_bytes(sizes['frozen_local'])} of {fmt_bytes(sizes['frozen_total'])} on this rank | "
+                  f"gathered in {param_dtype or torch.float32}, gradients reduced in fp32"
+                  + (" | shards offloaded to CPU" if self.args.fsdp_cpu_offload else ""))
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """Bytes of parameters on this rank: frozen / trainable, local and total (local < total under fsdp)."""
+        from .fsdp import parameter_bytes
+
+        return parameter_bytes(self.model)
+
+    def close(self) -> None:
+        """Destroy the process group this trainer opened (all ranks call it; also done at exit)."""
+        shutdown_distributed(barrier=True)
 
     # ------------------------------------------------------------------ helpers
     def _pad_id(self) -> int:
@@ -336,7 +419,12 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _check_finite_weights(self, what: str, step: int) -> None:
         params = _trainable(self.model)
-        bad = next((n for n, p in params.items() if not bool(torch.isfinite(p).all())), None)
+        if self.fsdp:  # every rank checks its shards and they agree
+            from .fsdp import all_finite
+
+            bad = all_finite(params)
+        else:
+            bad = next((n for n, p in params.items() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             self._non_finite(f"the adapter weight {bad} is not finite", step, f"the {what} was not written")
 
@@ -382,6 +470,20 @@ class Trainer:
         d.all_reduce(flag, op=d.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _adapter_saver(self) -> Callable[[str], None]:
+        """`save(folder)` writing the adapter in PEFT format (rank 0 calls it).  Under fsdp every rank
+        must call this first: it gathers the adapter tensors (only those) in full."""
+        if not self.fsdp:
+            return self.model.save_pretrained
+        from .fsdp import gather_adapter, gathered_state
+
+        full = gather_adapter(self.model)
+
+        def save(folder: str) -> None:
+            with gathered_state(self.model, full):
+                self.model.save_pretrained(folder)
+        return save
+
     def save_checkpoint(self, path: str | None = None) -> str | None:
         """Write the adapter (PEFT format) and trainer state to `path` (default output_dir/checkpoint-STEP)
         as a set (see `fastpeft.training.checkpoints`); `CheckpointWriteError` when the disk is full or the
@@ -398,6 +500,8 @@ class Trainer:
                 return None
             path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step:06d}")
         self._check_finite_weights(f"checkpoint {path}", self.global_step)
+        if self.fsdp:
+            return self._save_sharded_checkpoint(path, rng)
         failure: BaseException | None = None
         if self.rank == 0:
             state = {
@@ -412,10 +516,7 @@ class Trainer:
                 "args": json.loads(json.dumps(asdict(args))),
             }
             data = serialize(state)
-            info = {"step": self.global_step, "total_steps": self.total_steps,
-                    "epoch": self.global_step / self.steps_per_epoch,
-                    "examples_seen": self.global_step * self.global_batch, "global_batch": self.global_batch,
-                    "world_size": self.world_size, "history": self.history[-50:]}
+            info = self._checkpoint_info()
             needed = len(data) + self._checkpoint_bytes() // 4 + 16 * 1024
             try:
                 write_checkpoint(path, self.model.save_pretrained, data, info, needed)
@@ -426,6 +527,65 @@ class Trainer:
             if failure is not None:
                 raise failure
             raise RuntimeError(f"rank 0 could not write checkpoint {path}; stopping")
+        self._saved_step = self.global_step
+        return path
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        return {"step": self.global_step, "total_steps": self.total_steps,
+                "epoch": self.global_step / self.steps_per_epoch,
+                "examples_seen": self.global_step * self.global_batch, "global_batch": self.global_batch,
+                "world_size": self.world_size, "history": self.history[-50:]}
+
+    def _save_sharded_checkpoint(self, path: str, rng: list[Any]) -> str:
+        """fsdp: rank 0 opens `path.tmp`; every rank writes its shards of the adapter and the optimizer
+        into it (`torch.distributed.checkpoint`); rank 0 adds the gathered adapter (PEFT format) and the
+        trainer state and renames the folder: a rank killed at any point leaves no `path` (or the old one)."""
+        from .checkpoints import discard_staging, prepare_staging, staging_path
+        from .fsdp import full_tensors, save_sharded
+
+        save_adapter = self._adapter_saver()
+        trainable = full_tensors(_trainable(self.model))
+        failure: BaseException | None = None
+        if self.rank == 0:
+            try:
+                prepare_staging(path)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+                failure = write_error(err, "checkpoint", path, self._checkpoint_bytes()) or err
+        if not self._agree(failure is None):
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank 0 could not create {staging_path(path)}; stopping")
+        plain: dict[str, Any] = {}
+        try:
+            plain = save_sharded(staging_path(path), self.model, self.optimizer)
+        except BaseException as err:  # noqa: BLE001 - every rank learns of it below
+            failure = write_error(err, "checkpoint shards into", path, self._checkpoint_bytes()) or err
+        if self.rank == 0 and failure is None:
+            state = {
+                "format": 2,
+                "step": self.global_step,
+                "trainable": trainable,
+                "optimizer": plain,          # param groups; the tensors are the per-rank shards (sharded/)
+                "fsdp": True,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None,
+                "rng": rng,
+                "world_size": self.world_size,
+                "args": json.loads(json.dumps(asdict(self.args))),
+            }
+            data = serialize(state)
+            needed = len(data) + self._checkpoint_bytes() // 4 + 16 * 1024
+            try:
+                write_checkpoint(path, save_adapter, data, self._checkpoint_info(), needed, staged=True)
+                self._prune_checkpoints()
+            except BaseException as err:  # noqa: BLE001
+                failure = err
+        if not self._agree(failure is None):
+            if self.rank == 0:
+                discard_staging(path)
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"another rank could not write its part of checkpoint {path}; stopping")
         self._saved_step = self.global_step
         return path
 
@@ -453,14 +613,30 @@ class Trainer:
             if p.shape != saved[name].shape:
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, the model "
                                  f"expects {tuple(p.shape)}")
-        try:  # both validate before they change anything
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"checkpoint {path}: the optimizer state does not fit this model ({err})") from None
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
+        sharded = bool(state.get("fsdp"))
+        if sharded != self.fsdp:
+            raise ValueError(f"checkpoint {path} was written {'with' if sharded else 'without'} FSDP; resume it "
+                             f"{'with' if sharded else 'without'} fsdp (and the same number of processes)")
+        if sharded:
+            if state.get("world_size") != self.world_size:
+                raise ValueError(f"checkpoint {path} holds the shards of {state.get('world_size')} ranks; resume "
+                                 f"it with that many processes, not {self.world_size}")
+            from .fsdp import load_sharded
+
+            try:
+                self.scheduler.load_state_dict(state["scheduler"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"checkpoint {path}: the scheduler state does not fit ({err})") from None
+            load_sharded(path, self.model, self.optimizer, state["optimizer"])  # adapter shards too
+        else:
+            try:  # both validate before they change anything
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"checkpoint {path}: the optimizer state does not fit this model ({err})") from None
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["step"])
@@ -517,8 +693,14 @@ class Trainer:
         mine = self.eval_examples[self.rank::self.world_size]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         bs = self.args.batch_size
-        for i in range(0, len(mine), bs):
-            chunk = mine[i:i + bs]
+        batches = -(-len(mine) // bs)
+        if self.fsdp:  # every forward all-gathers: all ranks run as many as the rank with the most batches
+            batches = -(-(-(-len(self.eval_examples) // self.world_size)) // bs)
+        for i in range(batches):
+            chunk = mine[i * bs:(i + 1) * bs]
+            if not chunk:  # this rank's share ran out: a forward that counts for nothing
+                self._forward_loss_sum(model, collate(self.eval_examples[:1], self.pad_id))
+                continue
             total[0] += self._forward_loss_sum(model, collate(chunk, self.pad_id)).double()
             total[1] += sum(e.num_targets for e in chunk)
         d = _dist()
@@ -539,9 +721,15 @@ class Trainer:
         if args.output_dir and self.rank == 0:
             check_writable(args.output_dir)
             lock = acquire_run_lock(args.output_dir, self._warn)
+        _CLEAN_END.clear()
         try:
             with PreemptionGuard(announce=self.rank == 0) as guard:
-                return self._train(guard)
+                result = self._train(guard)
+            _CLEAN_END.append(True)  # every rank got here: at exit they wait for each other, then close
+            return result
+        except TrainingPreempted:  # all ranks stop at the same step, so they meet at exit too
+            _CLEAN_END.append(True)
+            raise
         finally:
             release_run_lock(lock)
 
@@ -556,7 +744,7 @@ class Trainer:
                            f"({fmt_bytes(need)}); writing one may fail")
         d = _dist()
         model: nn.Module = self.model
-        if d:
+        if d and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = None
@@ -592,14 +780,23 @@ class Trainer:
                 step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
                 bs = args.batch_size
                 for k in range(args.grad_accum):
-                    lo = (k * self.world_size + self.rank) * bs
+                    slot = k * self.world_size + self.rank
+                    lo = slot * bs
                     batch = collate(examples[lo:lo + bs], self.pad_id)
                     last = k == args.grad_accum - 1
-                    ctx = model.no_sync() if d and not last else contextlib.nullcontext()
+                    # the dropout masks of this micro-batch, whichever process runs it (see the module doc)
+                    torch.manual_seed(_micro_batch_seed(args.seed, self.global_step, slot))
+                    if self.fsdp:
+                        from .fsdp import set_gradient_sync
+
+                        set_gradient_sync(model, last)
+                        ctx = contextlib.nullcontext()
+                    else:
+                        ctx = model.no_sync() if d and not last else contextlib.nullcontext()
                     with ctx:
                         loss = self._forward_loss_sum(model, batch) / n_targets
                         step_loss += loss.detach()
-                        # DDP averages gradients over processes; undo that so they sum like one big batch
+                        # DDP and FSDP average gradients over processes; undo that so they sum like one batch
                         scaled = loss * self.world_size
                         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if d:  # each process holds its share of the global mean
@@ -611,7 +808,13 @@ class Trainer:
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 if args.max_grad_norm:
-                    norm = torch.nn.utils.clip_grad_norm_(list(_trainable(self.model).values()), args.max_grad_norm)
+                    params = list(_trainable(self.model).values())
+                    if self.fsdp:
+                        from .fsdp import clip_grad_norm
+
+                        norm = clip_grad_norm(params, args.max_grad_norm)
+                    else:
+                        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     if self.scaler is None and not math.isfinite(float(norm)):  # the scaler skips such steps
                         self.optimizer.zero_grad(set_to_none=True)
                         self._non_finite(f"the gradient norm is {float(norm)}", self.global_step + 1)
@@ -672,12 +875,13 @@ class Trainer:
             if args.save_every and self.global_step % args.save_every != 0:
                 self.save_checkpoint()
             self._check_finite_weights("final adapter", self.global_step)
+            save_adapter = self._adapter_saver()
             failure: BaseException | None = None
             if self.rank == 0:
                 summary = {"step": self.global_step, "total_steps": self.total_steps, "train_loss": train_loss,
                            "eval_loss": eval_loss, "history": self.history}
                 try:
-                    self.model.save_pretrained(args.output_dir)
+                    save_adapter(args.output_dir)
                     _write_json(os.path.join(args.output_dir, STATE_JSON), summary)
                 except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
                     failure = write_error(err, "the adapter into", args.output_dir, self._checkpoint_bytes() // 4) \

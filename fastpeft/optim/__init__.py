@@ -1,0 +1,5 @@
+"""Low-memory optimizers whose step is fused into the backward: LoMo and AdaLomo."""
+
+from .lomo import AdaLomo, LoMo
+
+__all__ = ["LoMo", "AdaLomo"]

@@ -29,18 +29,21 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
+    BOTTLENECK = "BOTTLENECK"
 
 
 class TaskType(str, enum.Enum):
     CAUSAL_LM = "CAUSAL_LM"
     SEQ_CLS = "SEQ_CLS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"  # prompt learning only (PeftModelForSeq2SeqLM)
 
 
 class PromptTuningInit(str, enum.Enum):
     TEXT = "TEXT"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
     RANDOM = "RANDOM"
+    CLASS_LABELS = "CLASS_LABELS"  # fastpeft: one prompt token per label string (Lester et al.)
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -183,6 +186,11 @@ def _task_type(v: Any) -> Any:
     raise _Bad(f"one of {', '.join(_SUPPORTED_TASKS)} (or null)", hint=f"did you mean {hint[0]!r}?" if hint else "")
 
 
+def _prompt_task_type(v: Any) -> Any:
+    # prompt learning runs on encoder-decoder models too (fastpeft.prompt_learning.seq2seq)
+    return v if _plain(v) == "SEQ_2_SEQ_LM" else _task_type(v)
+
+
 def _validate(config: "PeftConfig") -> None:
     """Check and normalise every field in the tables of `config`'s class and its bases."""
     checks: dict[str, Check] = {}
@@ -231,7 +239,10 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_type": _plain(self.task_type), "peft_type": self.peft_type.value,
                                "auto_mapping": None, "peft_version": PEFT_VERSION_COMPAT}
+        own = getattr(self, "_fastpeft_fields", ())
         for f in dataclasses.fields(self):
+            if f.name in own and getattr(self, f.name) == f.default:
+                continue  # a fastpeft-only option left at its default: the file stays PEFT's
             if f.name != "task_type":
                 out[f.name] = _plain(getattr(self, f.name))
         for key, value in getattr(self, "_unknown_fields", {}).items():
@@ -371,7 +382,7 @@ class PromptLearningConfig(PeftConfig):
     _checks: ClassVar[dict[str, Check]] = {
         "num_virtual_tokens": _positive_int, "token_dim": _optional(_positive_int),
         "num_transformer_submodules": _optional(_positive_int), "num_attention_heads": _optional(_positive_int),
-        "num_layers": _optional(_positive_int),
+        "num_layers": _optional(_positive_int), "task_type": _prompt_task_type,
     }
 
 
@@ -392,17 +403,39 @@ class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
+    # fastpeft options from Lester et al. (not PEFT's; written to adapter_config.json only when set):
+    # CLASS_LABELS init: one prompt token per label string (multi-token labels averaged), the rest sampled
+    prompt_tuning_class_labels: list[str] | None = None
+    # RANDOM init uniform in [-r, r] (the paper: 0.5) instead of PEFT's N(0, 1)
+    prompt_tuning_init_range: float | None = None
+    # SAMPLE_VOCAB (and CLASS_LABELS' fill) from token ids [0, k) (the paper: the 5,000 most common
+    # tokens, i.e. the first ids of a frequency-ordered SentencePiece vocabulary) instead of the whole vocabulary
+    prompt_tuning_vocab_top_k: int | None = None
 
     _checks: ClassVar[dict[str, Check]] = {
         "prompt_tuning_init": _choice(*(m.value for m in PromptTuningInit)),
         "prompt_tuning_init_text": _optional(_str), "tokenizer_name_or_path": _optional(_str),
         "tokenizer_kwargs": _optional(_pattern(lambda v: v, "any value")),
+        "prompt_tuning_class_labels": _name_list,
+        "prompt_tuning_init_range": _optional(_number(0.0, math.inf, low_open=True, what="a positive number")),
+        "prompt_tuning_vocab_top_k": _optional(_positive_int),
     }
+    _fastpeft_fields: ClassVar[tuple[str, ...]] = ("prompt_tuning_class_labels", "prompt_tuning_init_range",
+                                                   "prompt_tuning_vocab_top_k")
 
     def __post_init__(self):
         super().__post_init__()
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        if self.prompt_tuning_init == "CLASS_LABELS" and not self.prompt_tuning_class_labels:
+            raise ValueError("prompt_tuning_init='CLASS_LABELS' needs prompt_tuning_class_labels (the label strings)")
+        if self.prompt_tuning_class_labels and self.prompt_tuning_init != "CLASS_LABELS":
+            raise ValueError("prompt_tuning_class_labels applies with prompt_tuning_init='CLASS_LABELS' only")
+        if self.prompt_tuning_init_range is not None and self.prompt_tuning_init != "RANDOM":
+            raise ValueError("prompt_tuning_init_range applies with prompt_tuning_init='RANDOM' only")
+        if self.prompt_tuning_vocab_top_k is not None and self.prompt_tuning_init not in ("SAMPLE_VOCAB", "CLASS_LABELS"):
+            raise ValueError("prompt_tuning_vocab_top_k applies with prompt_tuning_init='SAMPLE_VOCAB' or "
+                             "'CLASS_LABELS' only")
 
 
 @dataclass
@@ -419,9 +452,39 @@ class PromptEncoderConfig(PromptLearningConfig):
     }
 
 
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters (Houlsby: mh_adapter and output_adapter; Pfeiffer: output_adapter only):
+    y = h + up(act(down(h))) after the attention and/or feed-forward block.  Not a PEFT method: the
+    fields follow AdapterHub's BnConfig names.  init_weights 'identity' makes a fresh adapter y = h."""
+    peft_type: ClassVar[PeftType] = PeftType.BOTTLENECK
+    reduction_factor: int = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    residual_before_ln: bool = True
+    init_weights: str = "identity"
+    target_modules: list[str] | str | None = None
+
+    _checks: ClassVar[dict[str, Check]] = {
+        "reduction_factor": _positive_int, "bottleneck_size": _optional(_positive_int), "non_linearity": _str,
+        "mh_adapter": _bool, "output_adapter": _bool, "residual_before_ln": _bool,
+        "init_weights": _choice("identity", "bert", "random"), "target_modules": _names,
+    }
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .ops.bottleneck import canonical_activation
+
+        canonical_activation(self.non_linearity)  # raises, naming the supported ones
+        if not self.residual_before_ln:
+            raise NotImplementedError("BottleneckConfig(residual_before_ln=False) is not supported by fastpeft yet")
+
+
 CONFIG_MAPPING: dict[str, type[PeftConfig]] = {
     "LORA": LoraConfig, "IA3": IA3Config, "PREFIX_TUNING": PrefixTuningConfig,
-    "PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig,
+    "PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig, "BOTTLENECK": BottleneckConfig,
 }
 
 # Default targets when target_modules is None (PEFT's tables, for the families fastpeft supports).

@@ -13,6 +13,8 @@ from .config import (IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, LORA_DEFAULT_
                      PeftConfig)
 from .nn import IA3Linear, LoraLinear, ModulesToSaveWrapper
 from .nn._base import AdapterLayer, linear_geometry
+from .nn.linear4bit import Linear4bit, is_4bit_linear
+from .nn.lora4bit import LoraLinear4bit
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -21,7 +23,7 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    return isinstance(module, (nn.Linear, Linear4bit)) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def _matches(name: str, spec: str | list[str] | None) -> str | None:
@@ -103,6 +105,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to `model` in place; returns the adapted module names."""
+    if type(config).__name__ == "BottleneckConfig":  # wraps whole sub-blocks, not linears
+        from .nn.bottleneck import inject_bottleneck
+
+        return inject_bottleneck(model, config, adapter_name)
     names = resolve_targets(model, config)
     for name in names:  # checked for all targets before any is touched
         module = model.get_submodule(name)
@@ -120,6 +126,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
                 module.update_layer(adapter_name, **kwargs)
             elif isinstance(module, AdapterLayer):
                 raise ValueError(f"module {name!r} already holds a {type(module).__name__}; one method per model")
+            elif is_4bit_linear(module):  # QLoRA: bitsandbytes' layers are taken over, their kernels left out
+                base = module if isinstance(module, Linear4bit) else Linear4bit.from_bnb(module)
+                _set_submodule(model, name, LoraLinear4bit(base, adapter_name, name=name, **kwargs))
             else:
                 _set_submodule(model, name, LoraLinear(module, adapter_name, fan_in_fan_out=config.fan_in_fan_out,
                                                        name=name, **kwargs))
@@ -128,6 +137,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
             if ff_spec is None and config.target_modules is None:
                 ff_spec = IA3_DEFAULT_FEEDFORWARD.get(_model_type(model), [])
             is_ff = _matches(name, ff_spec) is not None
+            if is_4bit_linear(module):
+                raise NotImplementedError(f"module {name!r} is a 4-bit linear; fastpeft's IA3 adapts 16/32-bit "
+                                          "linears only (use LoRA for a 4-bit base)")
             if isinstance(module, IA3Linear):
                 if module.is_feedforward != is_ff:
                     raise ValueError(f"module {name!r} is adapted as feedforward={module.is_feedforward} already")

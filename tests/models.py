@@ -113,3 +113,26 @@ def uncached_greedy(model, ids, mask, steps: int = 6, positions: bool = True, pa
             if bool(done.all()):  # generate stops once every row has finished
                 break
     return seq, torch.stack(scores)
+
+
+def tiny_t5(seed: int | None = None, **overrides) -> transformers.PreTrainedModel:
+    """Encoder-decoder with T5's relative-position-bias attention (not routed through the attention registry)."""
+    kw = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
+              decoder_start_token_id=0)
+    kw.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(**kw)).eval()
+
+
+def tiny_bart(seed: int | None = None, **overrides) -> transformers.PreTrainedModel:
+    """Encoder-decoder with learned positions, attention through transformers' attention registry."""
+    kw = dict(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+              decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+              dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, init_std=0.3)
+    kw.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(**kw)).eval()

@@ -81,3 +81,34 @@ def launch_ranks(script, args, world: int, timeout: float = 150) -> list[tuple[s
             pytest.fail(f"{world} rank(s) of {script} timed out")
         assert p.returncode == 0, outputs[-1][1][-3000:]
     return outputs
+
+
+def launch_ranks_any(script, args, world: int, timeout: float = 150, env: dict | None = None
+                     ) -> list[tuple[int, str, str]]:
+    """Like `launch_ranks`, but a rank may fail: returns each rank's (exit code, stdout, stderr); a rank
+    still running at `timeout` is killed and reported with exit code None."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        penv = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+        if world > 1:
+            penv.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=penv,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            results.append((None, out, err))
+    return results

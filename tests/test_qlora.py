@@ -312,3 +312,38 @@ def test_errors_name_the_problem():
         m.model.layers[0].self_attn.q_proj(torch.randn(2, 31))
     with pytest.raises(ValueError, match="nf4"):
         fastpeft.quantize(tiny_llama(seed=9), "int8")
+
+
+def test_mixed_adapter_batch_on_a_4bit_base_equals_each_row_alone():
+    """`adapter_names` on a QLoRA model: each row (and its gradients) as if it ran through its adapter alone."""
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(fastpeft.quantize(tiny_llama(seed=1), compute_dtype=torch.float32),
+                                    fastpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", fastpeft.LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False))
+    trainable = lambda: [p.requires_grad_(".a." in n or ".b." in n) for n, p in model.named_parameters()]
+    trainable()  # set_adapter / add_adapter make only one adapter trainable
+    ids = torch.randint(1, 97, (3, 5))
+    names = ["a", "__base__", "b"]
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    mixed.pow(2).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want_grads: dict[str, torch.Tensor] = {}
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model(input_ids=ids[row:row + 1]).logits
+        else:
+            model.set_adapter(name)
+            trainable()
+            alone = model(input_ids=ids[row:row + 1]).logits
+            alone.pow(2).sum().backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    want_grads[n] = want_grads.get(n, 0) + p.grad
+            model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want_grads.keys() and got
+    for n in got:
+        torch.testing.assert_close(got[n], want_grads[n], rtol=1e-5, atol=1e-5, msg=n)

@@ -118,15 +118,21 @@ class LoraLinear(AdapterLayer):
         if unknown:
             known = sorted(set(self.adapters()) | {"__base__"})
             raise ValueError(f"unknown adapter(s) {sorted(unknown)} in adapter_names; this layer has {known}")
-        base = self.base_layer
         drops = self.lora_dropout._modules
         ps = [d.p if type(d) is nn.Dropout else 0.0 for d in map(drops.__getitem__, plan.names)] if self.training \
             else 0.0
-        return grouped_lora_linear(
-            x, base.weight.t() if self.fan_in_fan_out else base.weight, base.bias, plan,
+        xc, weight, bias, out_dtype = self._mixed_base(x)
+        y = grouped_lora_linear(
+            xc, weight, bias, plan,
             [mods_a[n]._parameters["weight"] for n in plan.names], [mods_b[n]._parameters["weight"] for n in plan.names],
             [self.scaling[n] for n in plan.names], ps, self.training,
             table_cache=self.__dict__.setdefault("_grouped_table", {}))
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def _mixed_base(self, x: torch.Tensor):
+        """(x, weight (N, K), bias, output dtype) of the frozen projection for the mixed-batch op."""
+        base = self.base_layer
+        return x, base.weight.t() if self.fan_in_fan_out else base.weight, base.bias, x.dtype
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B·A in the base weight's layout (transposed for Conv1D) and dtype."""

@@ -49,13 +49,15 @@ class LoraLinear4bit(LoraLinear):
             result = result + out.to(result.dtype)
         return result
 
-    def _lora_op(self, x: torch.Tensor, name: str, bias: torch.Tensor | None = None,
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
-        # the mixed-batch path: one adapter over some rows
-        a, b = self.lora_A[name], self.lora_B[name]
-        result = self.base_layer(x)
-        xa = x.to(a.weight.dtype)
-        return result + (b(a(self.lora_dropout[name](xa))) * self.scaling[name]).to(result.dtype)
+    def _mixed_base(self, x: torch.Tensor):
+        """A mixed-adapter batch on a 4-bit base: the base weight dequantised for this call (never stored),
+        x in the layer's compute dtype, the output back in x's dtype (as Linear4bit.forward)."""
+        base = self.base_layer
+        if not isinstance(base, Linear4bit):  # a base turned 16-bit by fastpeft.quant.dequantize_model
+            return super()._mixed_base(x)
+        xc = x.to(base.compute_dtype) if base.compute_dtype is not None else x
+        bias = base.bias if base.bias is None or base.bias.dtype == xc.dtype else base.bias.to(xc.dtype)
+        return xc, base.dequantize(xc.dtype), bias, x.dtype
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -85,6 +85,21 @@ def test_lora_dropout_keeps_no_mask(torch_rows):
     assert row["fastpeft"] == torch_rows["lora"]["fastpeft"], "dropout made fastpeft save more"
 
 
+@pytest.mark.parametrize("case", sb.CASES, ids=lambda c: c.name)
+def test_compiled_model_saves_no_more_than_compiled_peft(case, one_thread):
+    """Under torch.compile(fullgraph=True) too: the partitioner of fastpeft's graph keeps no more than that
+    of PEFT's (on the CPU the adapted projections trace as aten ops, so it may recompute cheap inputs)."""
+    peft = pytest.importorskip("peft")
+    base, data = sb.tiny_llama(), sb.batch(B=1, T=16)
+    got = {}
+    for name, lib in (("peft", peft), ("fastpeft", fastpeft)):
+        torch._dynamo.reset()
+        got[name] = sb.compiled_saved_bytes(lib.get_peft_model(copy.deepcopy(base), case.config(lib)), data)
+    assert 0 < got["fastpeft"] <= got["peft"], f"compiled {case.name}: fastpeft {got['fastpeft']} > PEFT {got['peft']}"
+    if case.name == "lora_dropout":  # no mask kept in the compiled graph either
+        assert got["fastpeft"] <= 0.8 * got["peft"]
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
 def test_triton_path_saves_no_more_than_peft_for_every_method():
     names = [c.name for c in sb.CASES]

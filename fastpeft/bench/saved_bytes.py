@@ -44,6 +44,18 @@ def model_saved_bytes(model: torch.nn.Module, batch: dict) -> int:
     return n
 
 
+def compiled_saved_bytes(model: torch.nn.Module, batch: dict, backend: str = "aot_eager") -> int:
+    """Saved bytes of one training forward of `torch.compile(model, fullgraph=True)` (compiled by a first
+    step, then counted): what the compiled graph's partitioner keeps for the backward."""
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    exclude = [*model.parameters(), *model.buffers()]
+    n, out = saved_bytes(lambda: compiled(**batch), exclude)
+    out.loss.backward()
+    return n
+
+
 def floor_saved_bytes(base: torch.nn.Module, batch: dict) -> int:
     """The frozen floor: no adapter, every weight frozen, gradients to the input embeddings only."""
     base = copy.deepcopy(base)

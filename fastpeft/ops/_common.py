@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -94,3 +96,12 @@ def raw_apply(cls: type):
 
 
 functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def traced_as_aten(x: torch.Tensor) -> bool:
+    """Under torch.compile: whether an op is traced as its plain aten decomposition rather than the
+    opaque custom op.  On CPU tensors with the automatic or torch backend the custom op would only wrap
+    the same aten calls, and opaque it keeps inductor from fusing them and the partitioner from
+    recomputing cheap inputs instead of saving them (e.g. IA3's scaled input, a product of two tensors
+    the graph saves anyway); on CUDA, or with a forced kernel backend, the custom op runs the kernels."""
+    return not x.is_cuda and backend.get_backend() in (None, "torch", "torch_philox")

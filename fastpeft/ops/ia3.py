@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check_float, check_projection, functorch_active, gpu_kernel_supports, raw_apply
+from ._common import (cast_for_autocast, check_float, check_projection, functorch_active, gpu_kernel_supports,
+                      raw_apply, traced_as_aten)
 
 OP = "ia3_linear"
 
@@ -217,14 +218,22 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     key = (forced, x.shape[-1:], x.dtype, x.device, weight.shape, weight.dtype, weight.device, ia3_l.shape,
            ia3_l.dtype, ia3_l.device, None if bias is None else (bias.shape, bias.dtype, bias.device), feedforward,
            None if forced is None else os.environ.get("TRITON_INTERPRET"))
-    impl = _PLANS.get(key)
-    if impl is None:
+    plan = _PLANS.get(key)
+    if plan is None:
         _validate(x, weight, bias, ia3_l, feedforward)
         if x.dtype != weight.dtype:
             raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
-        impl = _PLANS[key] = backend.select(OP, x, weight, bias, ia3_l, feedforward)
+        impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
+        plan = _PLANS[key] = (impl, impl.backend in ("torch", "torch_philox") and x.dtype == ia3_l.dtype)
     else:
-        backend._LAST[OP] = impl.backend
+        backend._LAST[OP] = plan[0].backend
+    impl, native = plan
+    if native:
+        # one dtype on the torch path: two aten ops autograd differentiates in C++ (no Python backward).
+        # It keeps what IA3LinearFn keeps: z = x·Wᵀ + b for output scaling, x for input scaling (each only
+        # when l is trained), x for the frozen W never.
+        l = ia3_l.view(-1)
+        return F.linear(x * l, weight, bias) if feedforward else F.linear(x, weight, bias) * l
     if functorch_active():
         return IA3LinearFn.apply(x, weight, bias, ia3_l, (feedforward, impl))
     return _ia3_apply(x, weight, bias, ia3_l, (feedforward, impl))
@@ -239,6 +248,8 @@ def _ia3_linear_slow(x, weight, bias, ia3_l, feedforward):
     if not torch.compiler.is_compiling():
         impl = backend.select(OP, x, weight, bias, ia3_l, feedforward)
         return IA3LinearFn.apply(x, weight, bias, ia3_l, (feedforward, impl))
+    if traced_as_aten(x):  # the CPU path: aten ops inductor fuses, and the partitioner saves what PEFT's graph saves
+        return reference_forward(x, weight, bias, ia3_l, feedforward)
     n, k = weight.shape
     lead = x.shape[:-1]
     y, _ = _ia3_fwd(x.reshape(-1, k), weight, bias, ia3_l, feedforward)

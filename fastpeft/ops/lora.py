@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import cast_for_autocast, check_float, check_projection, dense, functorch_active, gpu_kernel_supports, raw_apply
+from ._common import (cast_for_autocast, check_float, check_projection, dense, functorch_active, gpu_kernel_supports,
+                      raw_apply, traced_as_aten)
 from ._random import dropout_keep, new_seed
 
 OP = "lora_linear"
@@ -370,18 +371,36 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
            None if bias is None else (bias.shape, bias.dtype, bias.device), dropout_p, p > 0.0,
            p > 0.0 and x.numel() > 2**31 - 1, None if forced is None else os.environ.get("TRITON_INTERPRET"))
-    impl = _PLANS.get(key)
-    if impl is None:
+    plan = _PLANS.get(key)
+    if plan is None:
         _validate(x, weight, bias, lora_A, lora_B, dropout_p)
         if x.dtype != weight.dtype:
             raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
-        impl = _PLANS[key] = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
+        impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
+        native = impl.backend == "torch" and p <= 0.0 and x.dtype == lora_A.dtype == lora_B.dtype
+        plan = _PLANS[key] = (impl, native)
     else:
-        backend._LAST[OP] = impl.backend
+        backend._LAST[OP] = plan[0].backend
+    impl, native = plan
+    if native:
+        return _native_forward(x, weight, bias, lora_A, lora_B, float(scaling))
     cfg = (float(scaling), p, seed, impl)
     if functorch_active():
         return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, cfg)
     return _lora_apply(x, weight, bias, lora_A, lora_B, cfg)
+
+
+def _native_forward(x, weight, bias, lora_A, lora_B, scaling):
+    """The torch path without dropout, all tensors of one dtype: three aten ops that autograd
+    differentiates in C++ (no Python backward, the cheapest eager call on a CPU), the same math as
+    `torch_forward`: y = x·Wᵀ + b + scaling·S·Bᵀ with S = x·Aᵀ.  Autograd keeps what LoraLinearFn
+    keeps: x (for dA; one storage shared by every projection of the same input) and S (for dB),
+    never x for the frozen W."""
+    if x.dim() == 2:
+        return torch.addmm(F.linear(x, weight, bias), torch.mm(x, lora_A.t()), lora_B.t(), alpha=scaling)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(F.linear(x2, weight, bias), torch.mm(x2, lora_A.t()), lora_B.t(), alpha=scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, seed):
@@ -393,6 +412,9 @@ def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, se
     if not torch.compiler.is_compiling():
         impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
         return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, (scaling, p, seed, impl))
+    if p <= 0.0 and traced_as_aten(x):  # the CPU path without dropout: aten ops inductor fuses
+        y = F.linear(x, weight, bias)
+        return (y + ((x.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()) * scaling).to(y.dtype)
     if p <= 0.0:
         seed_t = None
     elif seed is None:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     p.add_argument("--repeats", type=_positive, help="timed repeats per case (default 20, quick 10)")
     p.add_argument("--warmup", type=_positive, help="untimed calls before timing (default 5, quick 2)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile(PEFT) column")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile columns (PEFT and fastpeft)")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--layers-only", action="store_true", help="per-layer cases only")
     scope.add_argument("--e2e-only", action="store_true", help="end-to-end training steps only")
@@ -111,13 +111,13 @@ def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
     for case in cases:
         per = (1.0 if case.kind == "layer" else (4.0 if gpu else 2.0)) * max(scale, 0.4)
         seconds += columns * per
-        if have_peft and settings.compile:
-            seconds += (20.0 if case.kind == "layer" else 60.0) if gpu else 30.0
+        if settings.compile:  # compile(fastpeft), and compile(PEFT) where PEFT is installed
+            seconds += ((20.0 if case.kind == "layer" else 60.0) if gpu else 30.0) * (2 if have_peft else 1)
     if settings.layers and have_peft:
         seconds += 10.0 if settings.quick else 30.0
     if have_peft:
         seconds += 15.0
-    return seconds, len(cases), columns + (1 if have_peft and settings.compile else 0)
+    return seconds, len(cases), columns + ((2 if have_peft else 1) if settings.compile else 0)
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 import torch
 
-PROVIDERS = ("floor", "peft", "compile", "fastpeft")
-PROVIDER_NAMES = {"floor": "frozen", "peft": "PEFT", "compile": "compile(PEFT)", "fastpeft": "fastpeft"}
+PROVIDERS = ("floor", "peft", "compile", "fastpeft", "fastpeft_compile")
+PROVIDER_NAMES = {"floor": "frozen", "peft": "PEFT", "compile": "compile(PEFT)", "fastpeft": "fastpeft",
+                  "fastpeft_compile": "compile(fastpeft)"}
+COMPILED = ("compile", "fastpeft_compile")  # torch.compile'd providers: timed last, dynamo reset after each
 METHODS = ("lora", "ia3", "prefix", "prompt")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

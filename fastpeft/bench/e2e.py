@@ -134,7 +134,7 @@ def e2e_case(method: str, preset: Preset, dtype: torch.dtype, device: str) -> Ca
                 shared["file"] = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
             return _train_runner(torch.compile(model) if compiled else model, model, ids)
 
-        def fastpeft_model():
+        def fastpeft_model(compiled: bool = False):
             import fastpeft
 
             model = fastpeft.get_peft_model(copy.deepcopy(base), method_config(fastpeft, method, preset))
@@ -147,10 +147,10 @@ def e2e_case(method: str, preset: Preset, dtype: torch.dtype, device: str) -> Ca
                     rename = _by_position(trainable(model), shared["adapters"]) or {}
             else:
                 perturb_adapters(model, seed=600)
-            return _train_runner(model, model, ids, rename)
+            return _train_runner(torch.compile(model) if compiled else model, model, ids, rename)
 
         return {"floor": floor, "peft": lambda: peft_model(False), "compile": lambda: peft_model(True),
-                "fastpeft": fastpeft_model}
+                "fastpeft": fastpeft_model, "fastpeft_compile": lambda: fastpeft_model(True)}
 
     ops = {"lora": ("lora_linear",), "ia3": ("ia3_linear",), "prefix": ("prefix_attention",),
            "prompt": ("soft_prompt_embed",)}[method]

@@ -85,7 +85,7 @@ def _adapter_case(case_id: str, method: str, description: str, m: int, k: int, n
                 return _layer_runner(torch.compile(model), x, dy, named=model)
             return _layer_runner(model, x, dy)
 
-        def fastpeft_model():
+        def fastpeft_model(compiled: bool = False):
             import fastpeft
 
             cls = fastpeft.LoraConfig if method == "lora" else fastpeft.IA3Config
@@ -96,10 +96,12 @@ def _adapter_case(case_id: str, method: str, description: str, m: int, k: int, n
                                        f"match PEFT's {list(shared['adapters'])}")
             else:
                 perturb_adapters(model, seed + 3)
+            if compiled:
+                return _layer_runner(torch.compile(model), x, dy, named=model)
             return _layer_runner(model, x, dy)
 
         return {"floor": floor, "peft": lambda: peft_model(False), "compile": lambda: peft_model(True),
-                "fastpeft": fastpeft_model}
+                "fastpeft": fastpeft_model, "fastpeft_compile": lambda: fastpeft_model(True)}
 
     return Case(case_id, "layer", method, description, m, (op,), setup,
                 floor_note="frozen nn.Linear, gradient w.r.t. the input only")
@@ -182,14 +184,15 @@ def prefix_cases(preset: Preset, dtype: torch.dtype, device: str, quick: bool) -
                 return _fn_runner(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                   dict(q=q, k=k, v=v), dout)
 
-            def fastpeft_fn():
+            def fastpeft_fn(compiled: bool = False):
                 from fastpeft.ops import prefix_attention
 
-                return _fn_runner(lambda **a: prefix_attention(**a, causal=True), full, dout)
+                fn = lambda **a: prefix_attention(**a, causal=True)  # noqa: E731
+                return _fn_runner(torch.compile(fn) if compiled else fn, full, dout)
 
             return {"floor": floor, "peft": lambda: _fn_runner(_peft_style_attention, full, dout),
                     "compile": lambda: _fn_runner(torch.compile(_peft_style_attention), full, dout),
-                    "fastpeft": fastpeft_fn}
+                    "fastpeft": fastpeft_fn, "fastpeft_compile": lambda: fastpeft_fn(True)}
 
         cases.append(Case(f"layer/prefix/B{b} H{h} T{t} D{d} P{p}", "layer", "prefix",
                           f"attention with a {p}-token prefix, B{b} H{h} T{t} D{d}, causal, fwd+bwd",
@@ -225,14 +228,14 @@ def prompt_cases(preset: Preset, dtype: torch.dtype, device: str, quick: bool) -
 
             return Runner(step, lambda: {"output": step()})
 
-        def fastpeft_fn():
+        def fastpeft_fn(compiled: bool = False):
             from fastpeft.ops import soft_prompt_embed
 
-            return _fn_runner(soft_prompt_embed, inputs, dout)
+            return _fn_runner(torch.compile(soft_prompt_embed) if compiled else soft_prompt_embed, inputs, dout)
 
         return {"floor": floor, "peft": lambda: _fn_runner(_peft_style_prompt, inputs, dout),
                 "compile": lambda: _fn_runner(torch.compile(_peft_style_prompt), inputs, dout),
-                "fastpeft": fastpeft_fn}
+                "fastpeft": fastpeft_fn, "fastpeft_compile": lambda: fastpeft_fn(True)}
 
     return [Case(f"layer/prompt/B{b} T{t} P{p} H{hidden}", "layer", "prompt",
                  f"soft prompt of {p} tokens in front of B{b} x T{t} embeddings (H{hidden}, V{vocab}), fwd+bwd",

@@ -75,7 +75,8 @@ def fmt_check(r: dict) -> str:
     if r["status"] in ("not available", "error"):
         return f"{r['status']}: {r['error']}"
     if c["status"] == "pass":
-        return f"pass ({c['max_rel_err']:.1e})"
+        vs = f" · {r['vs_compile']:.2f}x compile(PEFT)" if r.get("vs_compile") else ""
+        return f"pass ({c['max_rel_err']:.1e}){vs}"
     if c["status"] == "fail":
         return f"FAIL: {c['detail']}"
     return c["status"]
@@ -190,8 +191,10 @@ def write_plots(doc: dict, directory: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     methods = [m for m in doc["settings"]["methods"] if any(r["method"] == m for r in doc["cases"])]
-    providers = [p for p in ("floor", "peft", "compile", "fastpeft") if any(r["provider"] == p for r in doc["cases"])]
-    colors = {"floor": "#9e9e9e", "peft": "#1f77b4", "compile": "#ff7f0e", "fastpeft": "#2ca02c"}
+    providers = [p for p in ("floor", "peft", "compile", "fastpeft", "fastpeft_compile")
+                 if any(r["provider"] == p for r in doc["cases"])]
+    colors = {"floor": "#9e9e9e", "peft": "#1f77b4", "compile": "#ff7f0e", "fastpeft": "#2ca02c",
+              "fastpeft_compile": "#98df8a"}
     names = {r["provider"]: r["provider_name"] for r in doc["cases"]}
     plots = [("speed", "median_ms", "ms per call (median; lines: 20-80 %)")]
     if has_memory_data(doc):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import check, check_same_device, functorch_active, raw_apply, value_checks
+from ._common import check, check_same_device, functorch_active, raw_apply, traced_as_aten, value_checks
 
 OP = "soft_prompt_embed"
 
@@ -193,6 +193,9 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
     """[prompt ; embedding(input_ids)] per row; see the module docstring for shapes."""
     if torch.compiler.is_compiling():
         _validate(input_ids, embedding_weight, prompt_table, prompt_index)
+        if traced_as_aten(embedding_weight):  # CPU: the gather and concatenation as aten ops inductor fuses
+            return reference_forward(input_ids.long(), embedding_weight, prompt_table,
+                                     None if prompt_index is None else prompt_index.long())
         return _sp_fwd(input_ids.long(), embedding_weight, prompt_table,
                        None if prompt_index is None else prompt_index.long())
     key = (backend.get_backend(), input_ids.shape, input_ids.dtype, input_ids.device, embedding_weight.shape,

@@ -1,0 +1,107 @@
+"""Compiled fastpeft against compiled PEFT: one training step (forward + backward) of a tiny Llama
+(2 layers, hidden 128, MLP 352, 4 heads / 2 KV heads, vocab 256, batch 2 x 64, fp32) for every method
+and the options that change the code path, eager and `torch.compile` (inductor) side by side in one
+process, one CPU thread, medians of interleaved rounds.  The compiled fastpeft / compiled PEFT ratio
+is the bar of issue "Under torch.compile".
+
+    python benchmarks/bench_compile.py                       # every config (a few minutes: 12 compiles)
+    python benchmarks/bench_compile.py --configs lora,lora_dropout --rounds 9 --out compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import fastpeft
+from fastpeft.bench.saved_bytes import batch, tiny_llama
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "lora": lambda lib: lib.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules=LINEARS),
+    "lora_dropout": lambda lib: lib.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                               target_modules=LINEARS),
+    "ia3": lambda lib: lib.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"]),
+    "prefix": lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+    "prompt": lambda lib: lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+    "ptuning": lambda lib: lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=16,
+                                                   encoder_hidden_size=128),
+}
+
+
+def _step(model, data):
+    def step():
+        model(**data).loss.backward()
+    return step
+
+
+def _median_ms(fns: list, rounds: int, calls: int) -> list[float]:
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[i].append((time.perf_counter() - t0) / calls * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def measure(config: str, rounds: int, calls: int) -> dict:
+    import peft
+
+    base, data = tiny_llama(), batch(B=2, T=64)
+    models = {}
+    for name, lib in (("peft", peft), ("fastpeft", fastpeft)):
+        model = lib.get_peft_model(copy.deepcopy(base), CONFIGS[config](lib)).train()
+        models[name] = model
+        models[name + "_compiled"] = torch.compile(model, fullgraph=True)
+    steps = {name: _step(m, data) for name, m in models.items()}
+    for step in steps.values():  # compile and warm up every provider before any is timed
+        for _ in range(3):
+            step()
+    ms = dict(zip(steps, _median_ms(list(steps.values()), rounds, calls)))
+    torch._dynamo.reset()
+    return {"config": config, **{k: round(v, 3) for k, v in ms.items()},
+            "compiled_ratio": round(ms["fastpeft_compiled"] / ms["peft_compiled"], 3),
+            "eager_ratio": round(ms["fastpeft"] / ms["peft"], 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (the median is reported)")
+    ap.add_argument("--calls", type=int, default=5, help="steps per round")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    torch.set_num_threads(1)
+    rows = []
+    print(f"{'config':<14} {'PEFT':>8} {'compile(PEFT)':>14} {'fastpeft':>9} {'compile(fastpeft)':>18} "
+          f"{'compiled ratio':>15} {'eager ratio':>12}   (ms per step)")
+    for config in configs:
+        r = measure(config, args.rounds, args.calls)
+        rows.append(r)
+        print(f"{config:<14} {r['peft']:>8.2f} {r['peft_compiled']:>14.2f} {r['fastpeft']:>9.2f} "
+              f"{r['fastpeft_compiled']:>18.2f} {r['compiled_ratio']:>14.2f}x {r['eager_ratio']:>11.2f}x", flush=True)
+    if args.out:
+        meta = {"bench": "compile", "device": platform.processor() or platform.machine(), "threads": 1,
+                "torch": torch.__version__, "fastpeft": fastpeft.__version__}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from fastpeft import backend
 from fastpeft.bench.cli import main as bench_main
 from fastpeft.cli import main as fastpeft_main
 

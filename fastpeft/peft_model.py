@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import io
+from . import hub, io
 from .config import CONFIG_NAME, LoraConfig, PeftConfig, PeftType, PrefixTuningConfig, TaskType
 from .nn import ModulesToSaveWrapper
 from .nn._base import AdapterLayer
@@ -545,7 +545,8 @@ class PeftModel(nn.Module):
         (the "default" adapter at the top, others in sub-folders named after them).  transformers'
         Trainer calls this with `is_main_process` (other ranks write nothing) and maybe a gathered
         `state_dict`; `push_to_hub=True` also uploads the folder (with a model card) to the repo named
-        `repo_id` (default: the folder's name), as PEFT."""
+        `repo_id` (default: the folder's name), as PEFT.  A README.md model card is written (or updated) beside
+        them, as PEFT does."""
         if not is_main_process:
             return
         save_directory = os.fspath(save_directory)
@@ -560,20 +561,29 @@ class PeftModel(nn.Module):
         for name in names:
             check_adapter_name(name)
         for name in names:
+            config = self.peft_config[name]
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None),
+                                                         "_name_or_path", None) or None
+        card = {hub.MODEL_CARD_NAME: io.text_writer(self._model_card(save_directory))}  # PEFT writes one on every save
+        for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name]
             inference_mode = config.inference_mode
             config.inference_mode = True
             try:
-                if config.base_model_name_or_path is None:
-                    config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None),
-                                                             "_name_or_path", None) or None
                 text = config.to_json_string()
             finally:
                 config.inference_mode = inference_mode
             # the pair is replaced as a set: a kill at any point leaves the old adapter or the new one
             tensors = self.adapter_state_dict(name, state_dict)
-            io.write_file_set(directory, {io.WEIGHTS_NAME: io.tensors_writer(tensors), CONFIG_NAME: io.text_writer(text)})
+            files = {io.WEIGHTS_NAME: io.tensors_writer(tensors), CONFIG_NAME: io.text_writer(text)}
+            if directory == save_directory:  # the model card goes in with the top-level adapter's set
+                files.update(card)
+                card = {}
+            io.write_file_set(directory, files)
+        if card:  # only named adapters (in sub-folders) were saved: the card is a set of its own
+            io.write_file_set(save_directory, card)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             hub_args = {k: kwargs[k] for k in ("commit_message", "private", "token", "revision", "create_pr")
@@ -583,14 +593,16 @@ class PeftModel(nn.Module):
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Write (or update, keeping its text) README.md in `output_dir` as PEFT does: library_name "peft",
         the base model, the method's tags (transformers' Trainer calls this when it writes a card)."""
-        from . import hub
+        io.atomic_write_text(os.path.join(os.fspath(output_dir), hub.MODEL_CARD_NAME), self._model_card(output_dir))
 
+    def _model_card(self, output_dir: str | os.PathLike) -> str:
+        """The text of README.md for `output_dir`: the card there updated (its text kept), or a new one."""
         path = os.path.join(os.fspath(output_dir), hub.MODEL_CARD_NAME)
         existing = None
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
                 existing = fh.read()
-        io.atomic_write_text(path, hub.model_card_text(self, existing))
+        return hub.model_card_text(self, existing)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
@@ -598,7 +610,6 @@ class PeftModel(nn.Module):
                     **_: Any) -> Any:
         """Upload the adapter folder (save_pretrained's files plus a model card, README.md) to the Hub
         repo `repo_id` in one commit, through huggingface_hub's HfApi; returns its CommitInfo."""
-        from . import hub
 
         return hub.push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
                                revision=revision, create_pr=create_pr, selected_adapters=selected_adapters,
@@ -611,7 +622,6 @@ class PeftModel(nn.Module):
         adapter of that name that already exists gets the file's weights (PEFT's behaviour, which
         transformers' Trainer relies on to resume from a checkpoint); otherwise an existing name is refused,
         so that a load never silently replaces trained weights."""
-        from . import hub
 
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config and not is_trainable:
@@ -678,7 +688,6 @@ class PeftModel(nn.Module):
         """Wrap `model` with the adapter saved in `model_id`: a PEFT or fastpeft adapter folder, or a Hub
         repo id (keywords `revision`, `subfolder`, `token`, `cache_dir`, `local_files_only`; the local
         cache serves, HF_HUB_OFFLINE=1 is honoured)."""
-        from . import hub
 
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel: load another adapter into it with "

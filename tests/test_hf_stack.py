@@ -106,9 +106,9 @@ def test_trainer_saves_the_adapter_only_as_peft_and_resumes(tmp_path, one_thread
     for sub in ("final", "checkpoint-2", "checkpoint-4"):
         mine, peft_s = tmp_path / "ours" / sub, tmp_path / "theirs" / sub
         assert _adapter_files(mine) == _adapter_files(peft_s) == ["adapter_config.json", "adapter_model.safetensors"]
-        # every other file Trainer writes (optimizer, scheduler, rng, state) is there too; only PEFT's README.md
-        # model card is not (fastpeft writes one on push_to_hub)
-        assert set(os.listdir(peft_s)) - set(os.listdir(mine)) == {"README.md"}
+        # every other file Trainer writes (optimizer, scheduler, rng, state) is there too, PEFT's README.md model
+        # card included: the same set of files
+        assert set(os.listdir(peft_s)) == set(os.listdir(mine))
         a, b = load_file(mine / "adapter_model.safetensors"), load_file(peft_s / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
@@ -361,7 +361,8 @@ def test_push_to_hub_uploads_the_adapter_and_a_model_card(tmp_path, monkeypatch)
     _FakeHfApi.calls = []
     ours.save_pretrained(tmp_path / "my-adapter", push_to_hub=True)
     assert [c[:2] for c in _FakeHfApi.calls] == [("create_repo", "my-adapter"), ("upload_folder", "my-adapter")]
-    assert sorted(os.listdir(tmp_path / "my-adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "my-adapter")) == ["README.md", "adapter_config.json",
+                                                           "adapter_model.safetensors"]
 
 
 def test_auto_peft_models_load_base_and_adapter(tmp_path):

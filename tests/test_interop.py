@@ -106,4 +106,4 @@ def test_save_is_lossless_for_bf16_and_overwrites_atomically(tmp_path):
     assert saved.keys() == live.keys()
     for k in saved:
         assert saved[k].dtype == live[k].dtype and torch.equal(saved[k], live[k]), k
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -221,7 +221,7 @@ def test_qlora_tiny_preset_training_lowers_the_loss(trained_qlora):
     assert isinstance(t["layer"], LoraLinear4bit) and isinstance(t["layer"].base_layer, Linear4bit)
     assert t["losses"][-1] < 0.6 * t["losses"][0], t["losses"]
     assert torch.equal(t["layer"].base_layer.weight, t["codes"])  # the 4-bit base stayed frozen
-    assert sorted(os.listdir(t["dir"] / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(t["dir"] / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_qlora_adapter_loads_in_peft_bitsandbytes_with_the_same_logits(bnb, trained_qlora):

@@ -10,6 +10,7 @@ import torch
 
 from fastpeft.cli import main
 from fastpeft.io import load_tensors
+import fastpeft.training.cli as cli_module
 from fastpeft.training.cli import generate_main, train_main
 
 
@@ -157,3 +158,25 @@ def test_generate_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         generate_main(["--adapter", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_qlora_run_lowers_the_eval_loss_and_generates_on_a_4bit_base(tmp_path, capsys, monkeypatch):
+    """`fastpeft train --quantize nf4`: LoRA over a frozen 4-bit base learns (eval loss printed before and
+    after), writes PEFT's adapter files, and `generate` rebuilds the 4-bit base the adapter was trained on."""
+    from fastpeft.nn.linear4bit import Linear4bit
+
+    out = tmp_path / "qlora"
+    assert main(["train", "--method", "lora", "--model", "tiny", "--quantize", "nf4", "--steps", "60",
+                 "--out", str(out), "--log-every", "1000"]) == 0
+    start, end = _start_end(capsys.readouterr().err)
+    assert end < start - 0.75, (start, end)
+    assert json.loads((out / "train_info.json").read_text())["quantize"] == "nf4"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    built = []
+    real = cli_module._quantize
+    monkeypatch.setattr(cli_module, "_quantize", lambda *a: built.append(real(*a)) or built[-1])
+    assert main(["generate", "--adapter", str(out), "--prompt", "the red", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("the red")
+    assert built and any(isinstance(m, Linear4bit) for m in built[0].modules())
+    assert main(["train", "--method", "ia3", "--model", "tiny", "--quantize", "nf4", "--out", str(tmp_path / "x")]) == 2
+    assert "IA3 on a 4-bit base" in capsys.readouterr().err

@@ -169,6 +169,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="base weights and autocast dtype; adapters stay fp32 (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (not with prefix)")
+    p.add_argument("--quantize", choices=("none", "nf4", "fp4"), default="none",
+                   help="QLoRA: a frozen 4-bit base (bitsandbytes' format, double quantisation; the output layer "
+                        "stays 16-bit) under the adapter")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base with FSDP2 (one unit per "
                    "decoder layer) instead of replicating it with DDP; lora and ia3")
     p.add_argument("--eval", dest="eval_data", default=None, help="evaluation data (same kinds as --data)")
@@ -440,6 +443,8 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         return _fail(prog, "pass --eval or --eval-fraction, not both")
     if args.gradient_checkpointing and args.method == "prefix":
         return _fail(prog, "--gradient-checkpointing does not work with --method prefix")
+    if args.quantize != "none" and args.method == "ia3":
+        return _fail(prog, "--quantize applies to lora and the prompt methods; IA3 on a 4-bit base is not supported")
     if args.method not in ("lora", "ia3") and args.target_modules:
         return _fail(prog, f"--target-modules applies to lora and ia3, not {args.method}")
     if args.resume and args.overwrite:
@@ -474,6 +479,8 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         try:
             config = make_config(args)
             model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype])
+            if args.quantize != "none":
+                model = _quantize(model, args.quantize, DTYPES[dtype], args.gradient_checkpointing)
             targs = TrainArgs(
                 output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr,
@@ -492,7 +499,7 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
             return _fail(prog, str(err))
         if trainer.rank == 0:
             info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
-                    "seq_len": args.seq_len, "fastpeft_version": __version__}
+                    "seq_len": args.seq_len, "quantize": args.quantize, "fastpeft_version": __version__}
             _write_json(os.path.join(args.out, INFO_NAME), info)
         start_eval = trainer.evaluate() if trainer.eval_examples and not args.resume else None
         if start_eval is not None and trainer.rank == 0 and not args.quiet:
@@ -515,6 +522,14 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         return 0
     finally:
         release_run_lock(lock)
+
+
+def _quantize(model, quant_type: str, dtype: torch.dtype, checkpointing: bool):
+    """The base as QLoRA trains it: 4-bit linear layers computing in `dtype`, prepared for k-bit training."""
+    from ..quant import prepare_model_for_kbit_training, quantize
+
+    model = quantize(model, quant_type, double_quant=True, compute_dtype=dtype)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
 
 class _Reporter:
@@ -613,6 +628,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer, _ = load_model(model_name, seed=seed, dtype=DTYPES[dtype])
+        if info.get("quantize", "none") != "none":  # the adapter was trained on a 4-bit base: generate on one too
+            model = _quantize(model, info["quantize"], DTYPES[dtype], False)
         model = model.to(device)
         if not args.no_adapter:
             model = PeftModel.from_pretrained(model, args.adapter).to(device)

@@ -19,7 +19,7 @@ from torch import nn
 from . import hub, io
 from .config import CONFIG_NAME, LoraConfig, PeftConfig, PeftType, PrefixTuningConfig, TaskType
 from .nn import ModulesToSaveWrapper
-from .nn._base import AdapterLayer
+from .nn._base import AdapterLayer, rows_names as _rows_names
 from .nn.lora import LoraLinear
 from .tuners import inject_adapter, mark_trainable, wrap_modules_to_save
 
@@ -115,16 +115,13 @@ def _batch_adapters(model: nn.Module, adapter_names: list[str] | None, batch: in
         yield
         return
     names = check_adapter_names(model, adapter_names, batch)
-    handles = []
+    handles, routed = [], []
     for module in model.modules():
         if isinstance(module, LoraLinear):
+            # the layer reads its rows' adapters from this attribute (no hook: torch.compile traces it)
             present = set(module.adapters())
-            own = [n if n in present else _BASE for n in names]
-
-            def hook(mod, args, kwargs, own=own):
-                kwargs["adapter_names"] = _rows_names(own, args[0].shape[0], expand)
-                return args, kwargs
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            module._row_names = ([n if n in present else _BASE for n in names], expand)
+            routed.append(module)
         elif type(module).__name__ == "BottleneckWrapper":  # fastpeft.nn.bottleneck: rows routed in the layer
             handles.append(module.route_rows(names, expand))
         elif isinstance(module, ModulesToSaveWrapper):
@@ -136,14 +133,8 @@ def _batch_adapters(model: nn.Module, adapter_names: list[str] | None, batch: in
     finally:
         for h in handles:
             h.remove()
-
-
-def _rows_names(names: list[str], rows: int, expand: bool) -> list[str]:
-    # generate() with num_beams / num_return_sequences repeats each row k times (repeat_interleave)
-    if not expand or rows == len(names) or rows % len(names):
-        return names  # a wrong row count is refused by the layer, naming both counts
-    k = rows // len(names)
-    return [n for n in names for _ in range(k)]
+        for module in routed:
+            module._row_names = None
 
 
 def _modules_to_save_rows(module: ModulesToSaveWrapper, args: tuple, kwargs: dict, output: Any,

@@ -227,3 +227,36 @@ def test_traceable_lstm_equals_nn_lstm():
         assert_close(got, want, torch.float32, what="lstm output")
         for g, w in zip(got_grads, want_grads):
             assert_close(g, w, torch.float32, scale=5, what="lstm grad")
+
+
+def test_mixed_adapter_batch_compiles(one_thread):
+    """`adapter_names` (each row its own adapter, "__base__" none) traces whole, training and inference."""
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.LoraConfig(**LORA), adapter_name="a")
+    model.add_adapter("b", fastpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".a." in n or ".b." in n)
+    model.train()
+    ids = torch.randint(0, 97, (3, 6))
+    names = ["a", "__base__", "b"]
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, adapter_names=names, use_cache=False).loss
+
+    compiled = _compare_train(model, step, (ids,))
+    _no_recompile(compiled, [lambda c: c(ids).backward()] * 2)
+
+
+def test_qlora_compiles(one_thread):
+    """LoRA on a 4-bit base (the NF4 weight dequantised inside the graph on a CPU) traces whole."""
+    torch._dynamo.reset()
+    base = fastpeft.quantize(tiny_llama(seed=0), "nf4", compute_dtype=torch.float32)
+    model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(**LORA, lora_dropout=0.1))
+    model.train()
+    ids = torch.randint(0, 97, (2, 6))
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    compiled = _compare_train(model, step, (ids,))
+    _no_recompile(compiled, [lambda c: c(ids).backward()] * 2)

@@ -20,10 +20,20 @@ def linear_geometry(base: nn.Module, name: str = "") -> tuple[int, int, bool]:
                     "layers only")
 
 
+def rows_names(names: list[str], rows: int, expand: bool) -> list[str]:
+    """The adapter of each of `rows` batch rows from one name per input row: generate() with num_beams /
+    num_return_sequences repeats each row k times (repeat_interleave) when `expand`."""
+    if not expand or rows == len(names) or rows % len(names):
+        return names  # a wrong row count is refused by the layer, naming both counts
+    k = rows // len(names)
+    return [n for n in names for _ in range(k)]
+
+
 class AdapterLayer(nn.Module):
     """Base of LoraLinear / IA3Linear: holds `base_layer` and the active/merged adapter state."""
 
     adapter_layer_names: tuple[str, ...] = ()
+    _row_names: tuple[list[str], bool] | None = None  # set while a mixed-adapter batch runs (PeftModel.forward)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool, name: str = "") -> None:
         super().__init__()

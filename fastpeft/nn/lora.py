@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops import lora_linear
 from ..ops.grouped_lora import grouped_lora_linear, plan_groups
-from ._base import AdapterLayer, adapter_dtype, merge_dtype
+from ._base import AdapterLayer, adapter_dtype, merge_dtype, rows_names
 
 
 class LoraLinear(AdapterLayer):
@@ -73,6 +73,9 @@ class LoraLinear(AdapterLayer):
                            self._dropout_p(name), self.training)
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if adapter_names is None and self._row_names is not None:  # a mixed-adapter batch of the whole model
+            names, expand = self._row_names
+            adapter_names = rows_names(names, x.shape[0], expand)
         # the common case first, read straight from the containers: one active, unmerged adapter
         if not (self.disable_adapters or adapter_names is not None or self.merged_adapters or args or kwargs) \
                 and len(self.active_adapters) == 1:

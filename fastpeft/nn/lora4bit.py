@@ -14,11 +14,15 @@ from torch import nn
 from ..quant.linear import _use_triton, qlora_linear
 from ..quant.nf4 import quantize_4bit
 from .linear4bit import Linear4bit
+from ._base import rows_names
 from .lora import LoraLinear
 
 
 class LoraLinear4bit(LoraLinear):
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if adapter_names is None and self._row_names is not None:  # a mixed-adapter batch of the whole model
+            names, expand = self._row_names
+            adapter_names = rows_names(names, x.shape[0], expand)
         base = self.base_layer
         if _use_triton(x) and isinstance(base, Linear4bit) and not (self.disable_adapters or adapter_names is not None
                                                                     or self.merged_adapters or args or kwargs) \

@@ -19,7 +19,7 @@ import torch
 
 from .. import backend
 from ._common import (check, check_float, check_same_device, dense, functorch_active, gpu_kernel_supports, raw_apply,
-                      value_checks)
+                      traced_as_aten, value_checks)
 
 OP = "prefix_attention"
 
@@ -307,6 +307,13 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
             prefix_index = prefix_index.long()
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.bool()
+    if compiling and not return_lse and prefix_k.shape[-2] > 0 and traced_as_aten(q):
+        # CPU tensors: PEFT's own math as aten ops (the prefix gathered and concatenated in front of the keys,
+        # the visibility as a boolean mask, SDPA), which inductor fuses and whose concatenation the partitioner
+        # may recompute in the backward; a non-empty prefix leaves no query without a key to attend to
+        kk, vv = _keys_cat(q, k, v, prefix_k, prefix_v, prefix_index)
+        visible = _visible(q, k, attention_mask, causal, prefix_k.shape[-2])
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, scale=scale)
     if compiling:
         out, lse = _pa_fwd(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
         return (out, lse) if return_lse else out

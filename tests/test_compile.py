@@ -260,3 +260,27 @@ def test_qlora_compiles(one_thread):
 
     compiled = _compare_train(model, step, (ids,))
     _no_recompile(compiled, [lambda c: c(ids).backward()] * 2)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt"])
+def test_compiled_generate_with_a_static_cache(method, one_thread):
+    """generate() with a static cache and a compiled forward (transformers' compile_config, fullgraph):
+    token for token the eager dynamic-cache result for LoRA and IA3; the prompt methods, whose positions
+    and visibility assume a dynamic cache, refuse a static one by name instead of decoding wrong."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    cfg = {"lora": CONFIGS["lora"], "ia3": CONFIGS["ia3"], "prefix": CONFIGS["prefix"], "prompt": CONFIGS["prompt"]}
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), cfg[method]()).eval()
+    ids = torch.randint(1, 97, (2, 5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compile_config = transformers.CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, **kw)
+        if method in ("prefix", "prompt"):
+            with pytest.raises(NotImplementedError, match="dynamic KV cache"):
+                model.generate(input_ids=ids, cache_implementation="static", **kw)
+            return
+        got = model.generate(input_ids=ids, cache_implementation="static", compile_config=compile_config, **kw)
+    assert torch.equal(got, want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled

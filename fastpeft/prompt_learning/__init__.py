@@ -277,6 +277,7 @@ def _prefix_prepare(model: nn.Module, P: int):
     def make(base_prepare):
         def prepare(*args, **kwargs):
             inputs = base_prepare(*args, **kwargs)
+            _refuse_static_cache(find_cache(inputs), "prefix tuning")
             if not takes_positions:
                 return inputs
             tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
@@ -292,6 +293,15 @@ def _prefix_prepare(model: nn.Module, P: int):
     return make
 
 
+def _refuse_static_cache(cache: Any, method: str) -> None:
+    """A preallocated (static, compileable) KV cache holds max_cache_len key slots whatever has been
+    written, which the prompt methods' position and visibility arithmetic does not account for: refused by
+    name rather than decoded wrong."""
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise NotImplementedError(f"{method} generate needs a dynamic KV cache; {type(cache).__name__} "
+                                  "(cache_implementation='static' and other preallocated caches) is not supported")
+
+
 def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, P: int):
     word_weight = model.get_input_embeddings().weight
 
@@ -301,6 +311,7 @@ def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor |
             # the soft prompt goes in exactly once: at the step whose cache is still empty (every step
             # when there is no cache at all, since each then recomputes the whole sequence)
             cache = find_cache(inputs)
+            _refuse_static_cache(cache, "prompt tuning / P-tuning")
             ids = inputs.get("input_ids")
             if ids is None:
                 raise NotImplementedError("prompt-learning generate needs input_ids (not inputs_embeds)")

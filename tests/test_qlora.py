@@ -347,3 +347,13 @@ def test_mixed_adapter_batch_on_a_4bit_base_equals_each_row_alone():
     assert got.keys() == want_grads.keys() and got
     for n in got:
         torch.testing.assert_close(got[n], want_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_fsdp_with_a_4bit_base_is_refused_by_name():
+    from fastpeft.training import TrainArgs, Trainer
+    from fastpeft.training.models import build_preset
+
+    model = fastpeft.quantize(build_preset("tiny", seed=0), compute_dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="4-bit"):
+        Trainer(model, TrainArgs(fsdp=True, max_steps=1), [{"text": "the red bee"}] * 4,
+                peft_config=fastpeft.LoraConfig(r=2, target_modules="all-linear"))

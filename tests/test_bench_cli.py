@@ -304,3 +304,18 @@ def test_tiny_run_reports_saved_for_backward_memory(tiny_run):
         assert r["fastpeft"] > 0 and r["peft"] > 0 and r["floor"] > 0
     text = "\n".join(p.read_text() for p in out.iterdir() if p.suffix in (".txt", ".md"))
     assert "saved for backward" in text and "LoRA r16 all-linear, dropout 0.05" in text
+
+
+def test_mixed_adapter_rows_run_checked_beside_peft(tmp_path):
+    """`--methods multi`: prefill and decode with 1 and 8 adapters mixed (quick), fastpeft checked against PEFT
+    and timed beside the bare model; no torch.compile columns for these cases."""
+    assert bench_main([*TINY, "--quick", "--methods", "multi", "--e2e-only", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    multi = [c for c in doc["cases"] if c["kind"] == "multi"]
+    assert {c["case"] for c in multi} == {"multi/prefill 1", "multi/prefill 8", "multi/decode 1", "multi/decode 8"}
+    assert {c["provider"] for c in multi} == {"floor", "peft", "fastpeft"}
+    ours = [c for c in multi if c["provider"] == "fastpeft"]
+    assert all(c["check"]["status"] == "pass" and c["median_ms"] > 0 and c["vs_peft"] for c in ours)
+    mixed = next(c for c in ours if c["case"] == "multi/prefill 8")
+    assert mixed["backend"]["grouped_lora"] == "torch"  # the grouped path really ran
+    assert "mixed-adapter inference" in (tmp_path / "results.md").read_text()

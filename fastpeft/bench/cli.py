@@ -110,6 +110,9 @@ def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
     seconds = 8.0  # imports and model building
     for case in cases:
         per = (1.0 if case.kind == "layer" else (4.0 if gpu else 2.0)) * max(scale, 0.4)
+        if case.kind == "multi":  # no compile columns; a decode case generates token by token
+            seconds += columns * per * (3 if "decode" in case.id else 1)
+            continue
         seconds += columns * per
         if settings.compile:  # compile(fastpeft), and compile(PEFT) where PEFT is installed
             seconds += ((20.0 if case.kind == "layer" else 60.0) if gpu else 30.0) * (2 if have_peft else 1)

@@ -14,7 +14,7 @@ PROVIDERS = ("floor", "peft", "compile", "fastpeft", "fastpeft_compile")
 PROVIDER_NAMES = {"floor": "frozen", "peft": "PEFT", "compile": "compile(PEFT)", "fastpeft": "fastpeft",
                   "fastpeft_compile": "compile(fastpeft)"}
 COMPILED = ("compile", "fastpeft_compile")  # torch.compile'd providers: timed last, dynamo reset after each
-METHODS = ("lora", "ia3", "prefix", "prompt")
+METHODS = ("lora", "ia3", "prefix", "prompt", "multi")  # multi: mixed-adapter LoRA inference (fastpeft/bench/multi.py)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_NOISE = 0.05  # added to every adapter weight so that the adapters change the outputs
@@ -34,8 +34,8 @@ class Runner:
 @dataclass
 class Case:
     id: str
-    kind: str  # "layer" | "e2e"
-    method: str  # "lora" | "ia3" | "prefix" | "prompt"
+    kind: str  # "layer" | "e2e" | "multi"
+    method: str  # "lora" | "ia3" | "prefix" | "prompt" | "multi"
     description: str
     tokens: int
     ops: tuple[str, ...]

@@ -15,7 +15,8 @@ import re
 from typing import Iterable
 
 KIND_TITLES = {"layer": "per layer (forward + backward)",
-               "e2e": "end to end (training step: forward + backward + AdamW)"}
+               "e2e": "end to end (training step: forward + backward + AdamW)",
+               "multi": "mixed-adapter inference (LoRA, adapter_names; no grad)"}
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -37,6 +38,9 @@ def plain_label(case_id: str) -> str:
     kind, method, rest = (case_id.split("/", 2) + ["", ""])[:3]
     if kind == "e2e":
         return "training step\n(whole model)"
+    if kind == "multi":  # "multi/prefill 8"
+        phase, _, n = method.partition(" ")
+        return f"{phase}\n{'one adapter' if n == '1' else n + ' adapters mixed'}"
     fields = dict(re.findall(r"([A-Z])(\d+)", rest))
     shape = re.search(r"(\d+)->(\d+)", rest)
     if method == "lora" and shape:
@@ -236,7 +240,7 @@ def write_plots(doc: dict, directory: str) -> list[str]:
             ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(cases))])
             ax.set_xticklabels([plain_label(c) for c in cases], fontsize=7, rotation=15)
             ax.set_title({"lora": "LoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
-                          "ptuning": "P-tuning"}.get(method, method))
+                          "ptuning": "P-tuning", "multi": "mixed-adapter LoRA inference"}.get(method, method))
             ax.set_ylabel(ylabel + (", log scale" if log else ""), fontsize=8)
             if log:
                 ax.set_yscale("log")

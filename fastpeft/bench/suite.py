@@ -23,6 +23,7 @@ from .check import CheckResult, compare, tolerance
 from .common import COMPILED, METHODS, PROVIDER_NAMES, Case, NotAvailable, compile_error, peft_module
 from .e2e import e2e_case
 from .layers import LAYER_CASES
+from .multi import multi_cases
 from .presets import Preset
 from .timing import measure, memory_allocated, release_memory
 
@@ -63,9 +64,12 @@ def build_cases(s: Settings) -> list[Case]:
     cases: list[Case] = []
     if s.layers:
         for method in s.methods:
-            cases += LAYER_CASES[method](s.preset, s.dtype, s.device, s.quick)
+            if method in LAYER_CASES:
+                cases += LAYER_CASES[method](s.preset, s.dtype, s.device, s.quick)
     if s.e2e:
-        cases += [e2e_case(method, s.preset, s.dtype, s.device) for method in s.methods]
+        cases += [e2e_case(method, s.preset, s.dtype, s.device) for method in s.methods if method != "multi"]
+        if "multi" in s.methods:
+            cases += multi_cases(s.preset, s.dtype, s.device, s.quick)
     return cases
 
 
@@ -165,6 +169,12 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
         progress.done += len(providers)
         progress.write(f"{case.id}: could not set up ({compile_error(exc)})\n")
         return records
+    # columns a case has no builder for (mixed-adapter inference has no torch.compile column) are left out
+    absent = [p for p in providers if p not in builders]
+    if absent:
+        progress.done += len(absent)
+        kept = [(p, r) for p, r in zip(providers, records) if p in builders]
+        providers, records = [p for p, _ in kept], [r for _, r in kept]
     # torch.compile last: on a CPU its compiled kernels leave OpenMP worker threads spinning, which
     # slows whatever is timed next on the same cores (seen: 25.9 ms -> 564 ms for a 2-core IA3 step)
     for provider, rec in sorted(zip(providers, records), key=lambda pair: pair[0] in COMPILED):

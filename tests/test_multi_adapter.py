@@ -14,7 +14,8 @@ from fastpeft.nn import LoraLinear
 from fastpeft.ops import grouped_lora as gl
 from fastpeft.ops.grouped_lora import grouped_lora_linear, plan_groups, reference_forward, reference_grouped_lora
 from tests.models import tiny_llama
-from tests.utils import assert_close, triton_device
+from tests.utils import assert_close, build_emulated_cext, triton_device
+from tests.utils import cext_on_cpu as _cext_on_cpu
 
 FP32 = 0.5  # fp32 comparisons at 1e-5 relative (TOL[fp32] = 2e-5)
 
@@ -371,71 +372,15 @@ def test_mixed_generate_equals_each_row_alone_and_refuses_misuse():
 
 
 # ---------------------------------------------------------------------------------------------- fastpeft._C
-def _cuda_home():
-    import os
-    import shutil
-    from pathlib import Path
-
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if shutil.which("nvcc"):
-        homes.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
-    homes.append("/usr/local/cuda")
-    for home in filter(None, homes):
-        include = Path(home) / "include"
-        libs = [Path(home) / d for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
-        lib = next((d for d in libs if (d / "libcudart_static.a").exists()), None)
-        if (include / "cuda_runtime.h").exists() and lib is not None:
-            return include, lib
-    return None
-
-
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     """fastpeft._C's sources (bindings included) built with the host compiler and -DFASTPEFT_EMULATE."""
-    import subprocess
-    import sys
-    import sysconfig
-    from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
-
-    pybind11 = pytest.importorskip("pybind11")
-    found = _cuda_home()
-    if found is None:
-        pytest.skip("no CUDA toolkit headers (CUDA_HOME or nvcc on PATH) to build the CPU-emulated kernels")
-    include, lib = found
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
-    out = tmp_path_factory.mktemp("emu_grouped")
-    flags = ["-std=c++20", "-O1", "-fPIC", "-w", "-DFASTPEFT_EMULATE", "-DFASTPEFT_MODULE_NAME=_C_emu_grouped",
-             '-DFASTPEFT_SASS_ARCHS="80"', f"-I{csrc}", f"-I{include}", f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
-    sources = sorted(csrc.glob("*.cu")) + [csrc / "bindings.cpp"]
-    cmds = [["c++", *flags, "-x", "c++", "-c", str(s), "-o", str(out / f"{s.stem}.o")] for s in sources]
-    so = out / f"_C_emu_grouped{sysconfig.get_config_var('EXT_SUFFIX')}"
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
-    link = subprocess.run(["c++", "-shared", *[c[-1] for c in cmds], f"-L{lib}", "-lcudart_static", "-ldl", "-lrt",
-                           "-lpthread", "-o", str(so)], capture_output=True, text=True)
-    failed = [r for r in results + [link] if r.returncode != 0]
-    assert not failed, failed[0].stderr[-3000:]
-    sys.path.insert(0, str(out))
-    try:
-        import _C_emu_grouped
-    finally:
-        sys.path.remove(str(out))
-    return _C_emu_grouped
+    return build_emulated_cext(tmp_path_factory.mktemp("emu_grouped"), "_C_emu_grouped")
 
 
 @pytest.fixture
 def cext_on_cpu(emulated, monkeypatch):
-    import contextlib
-    import types
-
-    monkeypatch.setattr(_cext, "_C", emulated)
-    monkeypatch.setattr(_cext, "_IMPORT_ERROR", None)
-    monkeypatch.setattr(_cext, "_on_cuda", lambda **tensors: torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    return _cext
+    return _cext_on_cpu(emulated, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype,token_counts", [(torch.float32, (2, 12)), (torch.bfloat16, (2,))], ids=str)

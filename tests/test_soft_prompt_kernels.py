@@ -8,7 +8,8 @@ from fastpeft import _cext, backend
 from fastpeft.ops import soft_prompt_embed
 from fastpeft.ops.soft_prompt import reference_backward, reference_embedding_backward, reference_forward
 
-from tests.utils import assert_close
+from tests.utils import assert_close, build_emulated_cext
+from tests.utils import cext_on_cpu as _cext_on_cpu
 
 OP = "soft_prompt_embed"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -217,73 +218,16 @@ def test_cuda_ia3_scale_grad(dtype, M, N):
 
 # ---- the same kernels on CPU threads (csrc/emulate.h): their logic, tested without a GPU -------
 
-def _cuda_home():
-    import os
-    import shutil
-    from pathlib import Path
-
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if shutil.which("nvcc"):
-        homes.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
-    homes.append("/usr/local/cuda")
-    for home in filter(None, homes):
-        include = Path(home) / "include"
-        libs = [Path(home) / d for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
-        lib = next((d for d in libs if (d / "libcudart_static.a").exists()), None)
-        if (include / "cuda_runtime.h").exists() and lib is not None:
-            return include, lib
-    return None
-
-
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """fastpeft._C's sources built with the host compiler and -DFASTPEFT_EMULATE, as module `_C_emu`."""
-    import subprocess
-    import sys
-    import sysconfig
-    from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
-
-    import pybind11
-
-    found = _cuda_home()
-    if found is None:
-        pytest.skip("no CUDA toolkit headers (CUDA_HOME or nvcc on PATH) to build the CPU-emulated kernels")
-    include, lib = found
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
-    out = tmp_path_factory.mktemp("emu")
-    flags = ["-std=c++20", "-O1", "-fPIC", "-w", "-DFASTPEFT_EMULATE", "-DFASTPEFT_MODULE_NAME=_C_emu",
-             '-DFASTPEFT_SASS_ARCHS="80"', f"-I{csrc}", f"-I{include}", f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
-    sources = [csrc / "soft_prompt.cu", csrc / "ia3.cu", csrc / "bindings.cpp"]
-    cmds = [["c++", *flags, "-x", "c++", "-c", str(s), "-o", str(out / f"{s.stem}.o")] for s in sources]
-    so = out / f"_C_emu{sysconfig.get_config_var('EXT_SUFFIX')}"
-    with ThreadPoolExecutor(len(cmds)) as pool:
-        results = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
-    link = subprocess.run(["c++", "-shared", *[c[-1] for c in cmds], f"-L{lib}", "-lcudart_static", "-ldl", "-lrt",
-                           "-lpthread", "-o", str(so)], capture_output=True, text=True)
-    failed = [r for r in results + [link] if r.returncode != 0]
-    assert not failed, failed[0].stderr[-3000:]
-    sys.path.insert(0, str(out))
-    try:
-        import _C_emu
-    finally:
-        sys.path.remove(str(out))
-    return _C_emu
+    """fastpeft._C's soft-prompt and IA3 sources built with the host compiler and -DFASTPEFT_EMULATE."""
+    return build_emulated_cext(tmp_path_factory.mktemp("emu"), "_C_emu", ["soft_prompt.cu", "ia3.cu"])
 
 
 @pytest.fixture
 def cext_on_cpu(emulated, monkeypatch):
     """fastpeft._cext's wrappers driving the CPU-emulated kernels on CPU tensors."""
-    import contextlib
-    import types
-
-    monkeypatch.setattr(_cext, "_C", emulated)
-    monkeypatch.setattr(_cext, "_IMPORT_ERROR", None)
-    monkeypatch.setattr(_cext, "_on_cuda", lambda **tensors: torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    return _cext
+    return _cext_on_cpu(emulated, monkeypatch)
 
 
 EMU_SHAPES = [(2, 9, 4, 128, 50, 3), (3, 16, 8, 100, 64, 4), (1, 5, 3, 37, 11, 2), (4, 0, 6, 64, 10, 3),

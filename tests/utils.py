@@ -112,3 +112,75 @@ def launch_ranks_any(script, args, world: int, timeout: float = 150, env: dict |
             out, err = p.communicate()
             results.append((None, out, err))
     return results
+
+
+# ---- fastpeft._C's kernels on CPU threads (csrc/emulate.h): their logic, tested without a GPU ----------------
+def _cuda_home():
+    """(include, lib) folders of a CUDA toolkit with cuda_runtime.h and libcudart_static.a, or None."""
+    import shutil
+    from pathlib import Path
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if shutil.which("nvcc"):
+        homes.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
+    homes.append("/usr/local/cuda")
+    for home in filter(None, homes):
+        include = Path(home) / "include"
+        libs = [Path(home) / d for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+        lib = next((d for d in libs if (d / "libcudart_static.a").exists()), None)
+        if (include / "cuda_runtime.h").exists() and lib is not None:
+            return include, lib
+    return None
+
+
+def build_emulated_cext(out_dir, module_name: str, sources: list[str] | None = None):
+    """fastpeft._C's sources (csrc/*.cu, or the named ones, plus bindings.cpp) built with the host compiler and
+    -DFASTPEFT_EMULATE as module `module_name` in `out_dir`, imported; skips the test without CUDA headers."""
+    import subprocess
+    import sys
+    import sysconfig
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    pybind11 = pytest.importorskip("pybind11")
+    found = _cuda_home()
+    if found is None:
+        pytest.skip("no CUDA toolkit headers (CUDA_HOME or nvcc on PATH) to build the CPU-emulated kernels")
+    include, lib = found
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    out = Path(out_dir)
+    flags = ["-std=c++20", "-O1", "-fPIC", "-w", "-DFASTPEFT_EMULATE", f"-DFASTPEFT_MODULE_NAME={module_name}",
+             '-DFASTPEFT_SASS_ARCHS="80"', f"-I{csrc}", f"-I{include}", f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    cu = sorted(csrc.glob("*.cu")) if sources is None else [csrc / s for s in sources]
+    cmds = [["c++", *flags, "-x", "c++", "-c", str(s), "-o", str(out / f"{s.stem}.o")]
+            for s in cu + [csrc / "bindings.cpp"]]
+    so = out / f"{module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
+    link = subprocess.run(["c++", "-shared", *[c[-1] for c in cmds], f"-L{lib}", "-lcudart_static", "-ldl", "-lrt",
+                           "-lpthread", "-o", str(so)], capture_output=True, text=True)
+    failed = [r for r in results + [link] if r.returncode != 0]
+    assert not failed, failed[0].stderr[-3000:]
+    sys.path.insert(0, str(out))
+    try:
+        import importlib
+
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(out))
+
+
+def cext_on_cpu(emulated, monkeypatch):
+    """fastpeft._cext's wrappers driving the CPU-emulated kernels `emulated` on CPU tensors."""
+    import contextlib
+    import types
+
+    from fastpeft import _cext
+
+    monkeypatch.setattr(_cext, "_C", emulated)
+    monkeypatch.setattr(_cext, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(_cext, "_on_cuda", lambda **tensors: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return _cext

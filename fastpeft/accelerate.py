@@ -151,6 +151,36 @@ def _lora_mixed(self, x: torch.Tensor, w: torch.Tensor, adapter_names: list[str]
     return out
 
 
+def _lora4bit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's QLoRA layer (`lora.bnb.Linear4bit` over bitsandbytes' `Linear4bit`): where fastpeft's NF4 kernels
+    run (CUDA tensors, see `fastpeft.quant.linear`), one active vanilla adapter takes the fused 4-bit GEMM with
+    the LoRA term in its epilogue, reading bitsandbytes' packed weight and quantisation state in place (no
+    16-bit copy of the weight, no bitsandbytes kernel); everything else (merged or disabled adapters, several
+    adapters, mixed batches, the CPU) is PEFT's forward, bitsandbytes' base layer unchanged."""
+    from .quant.linear import _use_triton, qlora_linear
+
+    base = self.get_base_layer()
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    if (qs is None or args or _extra(kwargs) or kwargs.get("adapter_names") is not None or self.disable_adapters
+            or self.merged or not _use_triton(x)):
+        return _fallback(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1 or not _lora_vanilla(self, active[0]) or self.lora_B[active[0]].bias is not None:
+        return _fallback(self, x, *args, **kwargs)
+    name = active[0]
+    cached = self.__dict__.get("_fastpeft_nf4_state")
+    if cached is None or cached[0] is not qs:  # bitsandbytes' QuantState as fastpeft's, once per state object
+        from .quant.nf4 import state_from_bnb
+
+        cached = self.__dict__["_fastpeft_nf4_state"] = (qs, state_from_bnb(qs))
+    compute = getattr(base, "compute_dtype", None) or x.dtype
+    xc = x if x.dtype == compute else x.to(compute)
+    bias = base.bias if base.bias is None or base.bias.dtype == compute else base.bias.to(compute)
+    y = qlora_linear(xc, base.weight.data, cached[1], bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                     self.scaling[name], _dropout_p(self, name), self.training)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def _ia3_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     w = _weight_nk(self)
     if w is None or args or _extra(kwargs) or kwargs.get("adapter_names") is not None or x.dtype != w.dtype:
@@ -223,7 +253,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     """Switch, in place, every PEFT LoRA / IA3 linear layer of `peft_model` to fastpeft's fused ops,
     keeping the same parameter objects, names and values.  Returns `peft_model`.
 
-    Layers fastpeft does not fuse (DoRA, embeddings, convolutions, quantised bases) stay as they are.
+    PEFT's QLoRA layers (4-bit bitsandbytes bases) take fastpeft's fused NF4 GEMM where its kernels run.
+    Layers fastpeft does not fuse (DoRA, embeddings, convolutions) stay as they are.
     A prompt-learning PEFT model gets fastpeft's forward and generate (see the module docstring)."""
     try:
         from peft.tuners import ia3 as peft_ia3
@@ -236,12 +267,20 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     kind = _prompt_learning_type(peft_model)
     if kind is not None:
         return _accelerate_prompt_learning(peft_model, kind)
+    try:  # PEFT defines its QLoRA layer only where bitsandbytes is installed
+        from peft.tuners.lora import bnb as peft_lora_bnb
+        lora_4bit = getattr(peft_lora_bnb, "Linear4bit", None)
+    except ImportError:
+        lora_4bit = None
     swapped = 0
     for module in peft_model.modules():
         cls = type(module)
         if cls in _FAST_CLASSES.values():
             continue
-        if cls is peft_lora.Linear:
+        if lora_4bit is not None and cls is lora_4bit:
+            module.__class__ = _fast_class(cls, _lora4bit_forward)
+            swapped += 1
+        elif cls is peft_lora.Linear:
             module.__class__ = _fast_class(cls, _lora_forward)
             swapped += 1
         elif cls is peft_ia3.Linear:

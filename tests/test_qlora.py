@@ -357,3 +357,44 @@ def test_fsdp_with_a_4bit_base_is_refused_by_name():
     with pytest.raises(NotImplementedError, match="4-bit"):
         Trainer(model, TrainArgs(fsdp=True, max_steps=1), [{"text": "the red bee"}] * 4,
                 peft_config=fastpeft.LoraConfig(r=2, target_modules="all-linear"))
+
+
+def test_accelerate_runs_a_peft_qlora_model_on_the_fused_nf4_gemm(bnb, tmp_path, monkeypatch):
+    """fastpeft.accelerate() on a PEFT QLoRA model (bitsandbytes 4-bit base): each LoRA layer takes the fused NF4
+    GEMM (here the Triton kernels in the interpreter, FASTPEFT_NF4_TRITON=force), reading bitsandbytes' packed
+    weight in place; logits and adapter gradients as PEFT + bitsandbytes; a merged model falls back to PEFT."""
+    peft = pytest.importorskip("peft")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the NF4 kernels run on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
+    tiny_llama(seed=6, hidden_size=64, intermediate_size=96).save_pretrained(tmp_path)
+    plain, fast = _peft_qlora(tmp_path, seed=7), _peft_qlora(tmp_path, seed=7)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(plain.named_parameters(), fast.named_parameters()):
+            if "lora_B" in n:  # B starts at zero: make the adapter change the output
+                p.normal_(std=0.05)
+                q.copy_(p)
+    fastpeft.accelerate(fast)
+    layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "Linear4bit" and type(layer.base_layer).__module__.startswith("bitsandbytes")
+    calls = []
+    import fastpeft.quant.linear as qlinear
+
+    real = qlinear.qlora_linear
+    monkeypatch.setattr(qlinear, "qlora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("FASTPEFT_NF4_TRITON", "force")
+    ids = torch.randint(0, 97, (2, 5))
+    out = {}
+    for key, model in (("peft", plain), ("fast", fast)):
+        model.eval()
+        logits = model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        out[key] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 14  # every LoRA layer of the 2-layer model took the fused path
+    torch.testing.assert_close(out["fast"][0], out["peft"][0], rtol=2e-4, atol=2e-4)
+    assert out["fast"][1].keys() == out["peft"][1].keys() and out["fast"][1]
+    for n in out["peft"][1]:
+        torch.testing.assert_close(out["fast"][1][n], out["peft"][1][n], rtol=2e-3, atol=2e-5, msg=n)
+    calls.clear()
+    with fast.disable_adapter(), torch.no_grad():
+        fast(input_ids=ids)
+    assert not calls  # disabled adapters: PEFT's forward (the bitsandbytes base alone)

@@ -21,7 +21,7 @@ OP = "soft_prompt_embed"
 def _prompts(prompt_table, prompt_index, batch):
     if prompt_index is None:
         return prompt_table.expand(batch, prompt_table.shape[0], prompt_table.shape[1])
-    return prompt_table[prompt_index]
+    return prompt_table.index_select(0, prompt_index)  # a negative index raises (indexing would wrap it)
 
 
 def reference_forward(input_ids, embedding_weight, prompt_table, prompt_index):
@@ -209,18 +209,26 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
         impl = _PLANS[key] = backend.select(OP, ids, embedding_weight, prompt_table, index)
     else:
         backend._LAST[OP] = impl.backend
-    # the values, on every call (on a CPU; a GPU would have to synchronise to read them)
-    if prompt_index is not None:
-        _check_range(prompt_index, prompt_table.shape[0], f"prompt_index values must lie in [0, {prompt_table.shape[0]})")
-        if prompt_index.dtype != torch.long:
-            prompt_index = prompt_index.long()
-    _check_range(input_ids, embedding_weight.shape[0],
-                 f"input_ids must lie in [0, {embedding_weight.shape[0]}) (the vocabulary size)")
+    if prompt_index is not None and prompt_index.dtype != torch.long:
+        prompt_index = prompt_index.long()
     if input_ids.dtype != torch.long:
         input_ids = input_ids.long()
-    if functorch_active():
-        return SoftPromptFn.apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
-    return _sp_apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
+    # the values are not read on the way in (a pass over the ids and a host read per call): an index out of
+    # range makes the gather raise, and that error is then named here (on a CPU; the kernels guard their own)
+    try:
+        if functorch_active():
+            return SoftPromptFn.apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
+        return _sp_apply(input_ids, embedding_weight, prompt_table, prompt_index, impl)
+    except (IndexError, RuntimeError):
+        try:
+            if prompt_index is not None:
+                _check_range(prompt_index, prompt_table.shape[0],
+                             f"prompt_index values must lie in [0, {prompt_table.shape[0]})")
+            _check_range(input_ids, embedding_weight.shape[0],
+                         f"input_ids must lie in [0, {embedding_weight.shape[0]}) (the vocabulary size)")
+        except ValueError as named:
+            raise named from None
+        raise
 
 
 # ---- CUDA C++ backend (fastpeft._C, csrc/soft_prompt.cu) ----------------------------------------

@@ -166,10 +166,31 @@ def test_dynamic_sequence_lengths_do_not_recompile(one_thread):
     _no_recompile(compiled, [run(n) for n in lengths])
 
 
+def _skip_unless_base_compiles_with_checkpointing() -> None:
+    """transformers 5.25's hub-kernel layer wrapper sets a context variable in every attention forward, which
+    dynamo refuses inside activation checkpointing: the bare model does not compile (fullgraph) there either."""
+    base = tiny_llama(seed=0)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
+    base.train()
+    ids = torch.randint(0, 97, (1, 4))
+
+    def step(ids):
+        return base(input_ids=ids, labels=ids, use_cache=False).loss
+
+    try:
+        torch.compile(step, fullgraph=True, backend="aot_eager")(ids).backward()
+    except torch._dynamo.exc.Unsupported as err:
+        pytest.skip(f"this transformers release's own model does not compile under checkpointing: {str(err)[:120]}")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_under_gradient_checkpointing_equals_eager(one_thread):
     """Activation checkpointing inside the compiled graph recomputes the LoRA forward in the
     backward: the ops are pure functions of their seed tensor, so the mask is the forward's."""
     torch._dynamo.reset()
+    _skip_unless_base_compiles_with_checkpointing()
     model = fastpeft.get_peft_model(tiny_llama(seed=0), CONFIGS["lora-dropout"]())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers' input-grad hook (`requires_grad_()` on the embeddings) is for reentrant

@@ -291,7 +291,7 @@ def _compiled_rng(impl, p, seed, device):
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backend.select(OP, x, weight, bias, lora_A, lora_B, dropout_p)
+    impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, dropout_p)[0]
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng))
 
@@ -305,7 +305,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backend.select(OP, x, weight, None, lora_A, lora_B, dropout_p)
+    impl = _plan(x, weight, None, lora_A, lora_B, dropout_p, dropout_p)[0]
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, rng))
 
@@ -348,7 +348,30 @@ def _validate(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-_PLANS: dict[tuple, backend.Impl] = {}
+_PLANS: dict[tuple, tuple[backend.Impl, bool]] = {}
+
+
+def _plan(x, weight, bias, lora_A, lora_B, dropout_p, p) -> tuple[backend.Impl, bool]:
+    """(backend, native) for a call: the checks and the backend choice once per signature (what they read
+    cannot change between calls); native: the dropout-free one-dtype torch path runs as plain aten ops.
+    Eager calls and the custom ops' real-tensor bodies (torch.compile) share it."""
+    forced = backend.get_backend()
+    key = (forced, x.shape[-1:], x.dtype, x.device, weight.shape, weight.dtype, weight.device, lora_A.shape,
+           lora_A.dtype, lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
+           None if bias is None else (bias.shape, bias.dtype, bias.device), dropout_p, p > 0.0,
+           p > 0.0 and x.numel() > 2**31 - 1, None if forced is None else os.environ.get("TRITON_INTERPRET"))
+    plan = _PLANS.get(key)
+    if plan is None:
+        _validate(x, weight, bias, lora_A, lora_B, dropout_p)
+        if x.dtype != weight.dtype:
+            raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
+        impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = (impl, impl.backend == "torch" and p <= 0.0 and x.dtype == lora_A.dtype == lora_B.dtype)
+    else:
+        backend._LAST[OP] = plan[0].backend
+    return plan
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -362,26 +385,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     drawn from it), so torch.manual_seed governs it either way.
     """
     p = float(dropout_p) if training else 0.0
-    dev = x.device
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(dev.type):
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _lora_linear_slow(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, p, seed)
-    # checks and the backend choice, once per signature: what they read cannot change between calls
-    forced = backend.get_backend()
-    key = (forced, x.shape[-1:], x.dtype, dev, weight.shape, weight.dtype, weight.device, lora_A.shape, lora_A.dtype,
-           lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
-           None if bias is None else (bias.shape, bias.dtype, bias.device), dropout_p, p > 0.0,
-           p > 0.0 and x.numel() > 2**31 - 1, None if forced is None else os.environ.get("TRITON_INTERPRET"))
-    plan = _PLANS.get(key)
-    if plan is None:
-        _validate(x, weight, bias, lora_A, lora_B, dropout_p)
-        if x.dtype != weight.dtype:
-            raise ValueError(f"x is {x.dtype} but the frozen weight is {weight.dtype}")
-        impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
-        native = impl.backend == "torch" and p <= 0.0 and x.dtype == lora_A.dtype == lora_B.dtype
-        plan = _PLANS[key] = (impl, native)
-    else:
-        backend._LAST[OP] = plan[0].backend
-    impl, native = plan
+    impl, native = _plan(x, weight, bias, lora_A, lora_B, dropout_p, p)
     if native:
         return _native_forward(x, weight, bias, lora_A, lora_B, float(scaling))
     cfg = (float(scaling), p, seed, impl)

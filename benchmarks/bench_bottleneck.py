@@ -27,6 +27,7 @@ from fastpeft.backend import last_backend
 from fastpeft.bench.saved_bytes import saved_bytes
 from fastpeft.bench.timing import measure, release_memory
 from fastpeft.ops.bottleneck import bottleneck_adapter
+from fastpeft.optim import GradientPeak
 
 
 class Unfused(nn.Module):
@@ -97,18 +98,6 @@ def bottleneck_case(m: int, hidden: int, r: int, act: str, dtype: torch.dtype, d
     return row
 
 
-class _GradPeak:
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.peak = 0
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._hook)
-
-    def _hook(self, _p):
-        alive = sum(q.grad.numel() * q.grad.element_size() for q in self.params if q.grad is not None)
-        self.peak = max(self.peak, alive)
-
-
 def lomo_case(layers: int, hidden: int, inter: int, vocab: int, batch: int, seq: int, dtype, device: str,
               repeats: int) -> list[dict]:
     import transformers
@@ -121,7 +110,7 @@ def lomo_case(layers: int, hidden: int, inter: int, vocab: int, batch: int, seq:
     for name in ("sgd", "adamw", "lomo", "adalomo"):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).train()
-        tracker = _GradPeak(model)
+        tracker = GradientPeak(model)
         if name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         elif name == "adamw":

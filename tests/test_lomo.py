@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from fastpeft.optim import AdaLomo, LoMo
+from fastpeft.optim import AdaLomo, GradientPeak, LoMo
 
 from tests.models import tiny_llama
 
@@ -19,21 +19,6 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-class _GradTracker:
-    """Largest total of .grad bytes alive at any post-accumulate hook.  Registered before the optimizer's
-    hooks, so each call sees the gradient just accumulated plus whatever has not been freed yet."""
-
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.peak = 0
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._hook)
-
-    def _hook(self, _p):
-        alive = sum(q.grad.numel() * q.grad.element_size() for q in self.params if q.grad is not None)
-        self.peak = max(self.peak, alive)
-
-
 def _assert_params_close(a, b, atol):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=lambda m: f"{n}: {m}")
@@ -43,7 +28,7 @@ def test_lomo_equals_sgd_full_finetune_and_holds_one_gradient():
     torch.manual_seed(0)
     a = tiny_llama(seed=1).train()
     b = copy.deepcopy(a)
-    ta, tb = _GradTracker(a), _GradTracker(b)  # before the optimizers: see every gradient before it is freed
+    ta, tb = GradientPeak(a), GradientPeak(b)  # before the optimizers: see every gradient before it is freed
     lomo = LoMo(a, lr=0.05)
     sgd = torch.optim.SGD(b.parameters(), lr=0.05)
     start = copy.deepcopy(a)

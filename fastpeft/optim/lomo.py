@@ -289,3 +289,20 @@ class AdaLomo(_FusedBackwardOptimizer):
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t) / math.sqrt(t.numel())
+
+
+class GradientPeak:
+    """The largest total of `.grad` bytes alive at once over `model`'s trainable parameters, seen from a
+    post-accumulate hook on each (register it before an optimizer's own hooks so that every gradient is seen
+    before that optimizer frees it): `peak` after a backward.  What LoMo promises to keep at one parameter's
+    gradient, where SGD or AdamW hold all of them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.peak = 0
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, _param: torch.Tensor) -> None:
+        alive = sum(q.grad.numel() * q.grad.element_size() for q in self.params if q.grad is not None)
+        self.peak = max(self.peak, alive)

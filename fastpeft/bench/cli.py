@@ -99,7 +99,7 @@ def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
     """(seconds, cases, timed columns): a rough expected length of a run, from what it will do.
 
     Per timed column about 1 s (a layer case) or 2-4 s (a training step) with the default repeats,
-    torch.compile about 30 s a case on a CPU (20-60 s on a GPU), plus the host-overhead and
+    torch.compile about 3-6 s a column on a CPU (20-60 s on a GPU), plus the host-overhead and
     saved-bytes tables; the real figure depends on the machine and its load."""
     from .suite import build_cases
 
@@ -110,12 +110,13 @@ def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
     seconds = 8.0  # imports and model building
     for case in cases:
         per = (1.0 if case.kind == "layer" else (4.0 if gpu else 2.0)) * max(scale, 0.4)
-        if case.kind == "multi":  # no compile columns; a decode case generates token by token
-            seconds += columns * per * (3 if "decode" in case.id else 1)
+        if case.kind == "multi":  # no compile columns
+            seconds += columns * per
             continue
         seconds += columns * per
         if settings.compile:  # compile(fastpeft), and compile(PEFT) where PEFT is installed
-            seconds += ((20.0 if case.kind == "layer" else 60.0) if gpu else 30.0) * (2 if have_peft else 1)
+            seconds += ((20.0 if case.kind == "layer" else 60.0) if gpu else (3.0 if case.kind == "layer" else 6.0)) \
+                * (2 if have_peft else 1)
     if settings.layers and have_peft:
         seconds += 10.0 if settings.quick else 30.0
     if have_peft:

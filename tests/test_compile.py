@@ -305,3 +305,18 @@ def test_compiled_generate_with_a_static_cache(method, one_thread):
         got = model.generate(input_ids=ids, cache_implementation="static", compile_config=compile_config, **kw)
     assert torch.equal(got, want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_lora_ops_pass_opcheck(dropout_p):
+    """torch.library.opcheck on the ops torch.compile traces (schema, fake kernel, autograd registration)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 12, generator=g, requires_grad=True)
+    w, b = torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
+    a = torch.randn(4, 12, generator=g, requires_grad=True)
+    bb = torch.randn(10, 4, generator=g, requires_grad=True)
+    seed = torch.tensor([7]) if dropout_p else None
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_fwd.default, (x, w, b, a, bb, 2.0, dropout_p, seed))
+    y, s = torch.ops.fastpeft.lora_linear_fwd.default(x, w, b, a, bb, 2.0, dropout_p, seed)
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_bwd.default,
+                          (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(), s.detach(), 2.0, dropout_p, seed))

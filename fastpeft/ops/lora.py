@@ -287,32 +287,44 @@ def _compiled_rng(impl, p, seed, device):
     return replay(impl, p, int(value[0]) if isinstance(value, torch.Tensor) else value, device)
 
 
-@torch.library.custom_op("fastpeft::lora_linear_fwd", mutates_args=())
-def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-              lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+# Defined with torch.library's low-level API rather than `torch.library.custom_op`: a compiled graph calls
+# them once per layer and step, and custom_op's Python wrapper costs 15-30 µs more per call on a CPU
+# (a tenth of a compiled LoRA-with-dropout step of a small model).
+_LIB = torch.library.Library("fastpeft", "FRAGMENT")
+_LIB.define("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+            "float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
+_LIB.define("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor s, "
+            "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)")
+
+
+def _lora_fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, dropout_p)[0]
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng))
 
 
-@_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
-
-
-@torch.library.custom_op("fastpeft::lora_linear_bwd", mutates_args=())
-def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-              s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_bwd_impl(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
     impl = _plan(x, weight, None, lora_A, lora_B, dropout_p, dropout_p)[0]
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, rng))
 
 
-@_lora_bwd.register_fake
+_LIB.impl("lora_linear_fwd", _lora_fwd_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear_bwd", _lora_bwd_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastpeft::lora_linear_fwd", lib=_LIB)
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
+
+
+@torch.library.register_fake("fastpeft::lora_linear_bwd", lib=_LIB)
 def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
     return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+_lora_fwd = torch.ops.fastpeft.lora_linear_fwd.default
+_lora_bwd = torch.ops.fastpeft.lora_linear_bwd.default
 
 
 def _setup(ctx, inputs, output):
@@ -330,7 +342,7 @@ def _backward(ctx, dy, _ds):
     return dx, d_w, d_bias, d_a, d_b, None, None, None
 
 
-_lora_fwd.register_autograd(_backward, setup_context=_setup)
+torch.library.register_autograd("fastpeft::lora_linear_fwd", _backward, setup_context=_setup, lib=_LIB)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -1,4 +1,4 @@
-"""The `fastpeft` command: `fastpeft bench`, `fastpeft train`, `fastpeft generate`, `fastpeft info`."""
+"""The `fastpeft` command: `fastpeft bench`, `train`, `generate`, `interpret`, `info`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ USAGE = """usage: fastpeft <command> [options]
 commands:
   train      fine-tune a model with LoRA, IA3, prefix tuning, prompt tuning or P-tuning, and save the adapter
   generate   generate text with a base model and a saved adapter
+  interpret  list each virtual token of a prompt-tuning / P-tuning adapter's nearest vocabulary tokens
   bench      time fastpeft against PEFT (eager and torch.compile) per layer and per training step
   info       say which backends (torch, triton, cuda) can run on this machine, and why not
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         from .training.cli import train_main as run
     elif command == "generate":
         from .training.cli import generate_main as run
+    elif command == "interpret":
+        from .training.cli import interpret_main as run
     elif command == "info":
         from .info import main as run
     else:

@@ -180,3 +180,21 @@ def test_qlora_run_lowers_the_eval_loss_and_generates_on_a_4bit_base(tmp_path, c
     assert built and any(isinstance(m, Linear4bit) for m in built[0].modules())
     assert main(["train", "--method", "ia3", "--model", "tiny", "--quantize", "nf4", "--out", str(tmp_path / "x")]) == 2
     assert "IA3 on a 4-bit base" in capsys.readouterr().err
+
+
+def test_interpret_lists_each_virtual_tokens_nearest_vocabulary(tmp_path, capsys):
+    """`fastpeft interpret ADAPTER --top-k K`: one line per virtual token with its K nearest tokens (the base
+    model from the run's train_info.json); a prefix adapter, whose rows are not embeddings, is refused."""
+    out = tmp_path / "prompt"
+    assert main(["train", "--method", "prompt", "--model", "tiny", "--steps", "2", "--num-virtual-tokens", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["interpret", str(out), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"virtual token {i:>3}" for i in range(4)]
+    assert all(len(re.findall(r" -?\d\.\d{3}", line)) == 2 for line in lines), lines
+    prefix = tmp_path / "prefix"
+    assert main(["train", "--method", "prefix", "--model", "tiny", "--steps", "1", "--out", str(prefix), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["interpret", str(prefix)]) == 2
+    assert "fastpeft interpret:" in capsys.readouterr().err

@@ -655,3 +655,36 @@ def generate_main(argv: list[str] | None = None) -> int:
         new = new[:new.index(eos)]
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     return 0
+
+
+def interpret_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastpeft interpret", formatter_class=_HelpFormatter,
+                                description="Read a prompt-tuning or P-tuning adapter (Lester et al. §7): for each "
+                                            "virtual token, its nearest vocabulary tokens by cosine similarity.")
+    p.add_argument("adapter", help="adapter folder (prompt tuning or P-tuning)")
+    p.add_argument("--model", default=None, help=f"base model: local folder or preset ({', '.join(PRESETS)}); "
+                                                  f"default: the one recorded in ADAPTER/{INFO_NAME}")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="neighbours per virtual token")
+    return p
+
+
+def interpret_main(argv: list[str] | None = None) -> int:
+    from ..peft_model import PeftModel
+
+    args = interpret_parser().parse_args(argv)
+    prog = "fastpeft interpret"
+    if not os.path.isdir(args.adapter):
+        return _fail(prog, f"{args.adapter}: no such adapter folder")
+    info = _train_info(args.adapter)
+    model_name = args.model or info.get("model")
+    if model_name is None:
+        return _fail(prog, f"--model is required ({args.adapter} has no {INFO_NAME} naming the base model)")
+    try:
+        model, tokenizer, _ = load_model(model_name, seed=int(info.get("seed", 0)), dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, args.adapter)
+        rows = model.nearest_tokens(k=args.top_k, tokenizer=tokenizer)
+    except (ValueError, OSError, NotImplementedError, ImportError) as err:
+        return _fail(prog, str(err))
+    for i, row in enumerate(rows):
+        print(f"virtual token {i:>3}: " + "  ".join(f"{tok!r} {sim:.3f}" for tok, sim in row))
+    return 0

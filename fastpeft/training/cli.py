@@ -610,17 +610,26 @@ def _train_info(adapter: str) -> dict:
     return {}
 
 
+def _adapter_base(adapter: str, model: str | None) -> tuple[dict, str]:
+    """(the run's train_info, the base model's name) for an adapter folder; ValueError naming what is missing."""
+    if not os.path.isdir(adapter):
+        raise ValueError(f"adapter {adapter}: no such folder")
+    info = _train_info(adapter)
+    model_name = model or info.get("model")
+    if model_name is None:
+        raise ValueError(f"--model is required ({adapter} has no {INFO_NAME} naming the base model)")
+    return info, model_name
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     from ..peft_model import PeftModel
 
     args = generate_parser().parse_args(argv)
     prog = "fastpeft generate"
-    if not os.path.isdir(args.adapter):
-        return _fail(prog, f"--adapter {args.adapter}: no such folder")
-    info = _train_info(args.adapter)
-    model_name = args.model or info.get("model")
-    if model_name is None:
-        return _fail(prog, f"--model is required ({args.adapter} has no {INFO_NAME} naming the base model)")
+    try:
+        info, model_name = _adapter_base(args.adapter, args.model)
+    except ValueError as err:
+        return _fail(prog, str(err))
     if model_name in PRESETS and info.get("model") not in (None, model_name):
         warnings.warn(f"the adapter was trained on {info.get('model')!r}, not {model_name!r}", stacklevel=1)
     seed = args.seed if args.seed is not None else int(info.get("seed", 0))
@@ -673,13 +682,8 @@ def interpret_main(argv: list[str] | None = None) -> int:
 
     args = interpret_parser().parse_args(argv)
     prog = "fastpeft interpret"
-    if not os.path.isdir(args.adapter):
-        return _fail(prog, f"{args.adapter}: no such adapter folder")
-    info = _train_info(args.adapter)
-    model_name = args.model or info.get("model")
-    if model_name is None:
-        return _fail(prog, f"--model is required ({args.adapter} has no {INFO_NAME} naming the base model)")
     try:
+        info, model_name = _adapter_base(args.adapter, args.model)
         model, tokenizer, _ = load_model(model_name, seed=int(info.get("seed", 0)), dtype=torch.float32)
         model = PeftModel.from_pretrained(model, args.adapter)
         rows = model.nearest_tokens(k=args.top_k, tokenizer=tokenizer)

@@ -157,12 +157,12 @@ def _lora4bit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     the LoRA term in its epilogue, reading bitsandbytes' packed weight and quantisation state in place (no
     16-bit copy of the weight, no bitsandbytes kernel); everything else (merged or disabled adapters, several
     adapters, mixed batches, the CPU) is PEFT's forward, bitsandbytes' base layer unchanged."""
-    from .quant.linear import _use_triton, qlora_linear
+    from .quant import linear as qlinear
 
     base = self.get_base_layer()
     qs = getattr(getattr(base, "weight", None), "quant_state", None)
     if (qs is None or args or _extra(kwargs) or kwargs.get("adapter_names") is not None or self.disable_adapters
-            or self.merged or not _use_triton(x)):
+            or self.merged or not qlinear._use_triton(x)):
         return _fallback(self, x, *args, **kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or not _lora_vanilla(self, active[0]) or self.lora_B[active[0]].bias is not None:
@@ -173,12 +173,9 @@ def _lora4bit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         from .quant.nf4 import state_from_bnb
 
         cached = self.__dict__["_fastpeft_nf4_state"] = (qs, state_from_bnb(qs))
-    compute = getattr(base, "compute_dtype", None) or x.dtype
-    xc = x if x.dtype == compute else x.to(compute)
-    bias = base.bias if base.bias is None or base.bias.dtype == compute else base.bias.to(compute)
-    y = qlora_linear(xc, base.weight.data, cached[1], bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                     self.scaling[name], _dropout_p(self, name), self.training)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return qlinear.qlora_layer(x, base.weight.data, cached[1], base.bias, getattr(base, "compute_dtype", None),
+                               self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                               _dropout_p(self, name), self.training)
 
 
 def _ia3_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -60,6 +60,14 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    def _row_adapters(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
+        """The call's `adapter_names`, or the rows' adapters a whole-model mixed batch set on this layer
+        (`_row_names`, by PeftModel.forward / generate)."""
+        if adapter_names is None and self._row_names is not None:
+            names, expand = self._row_names
+            return rows_names(names, x.shape[0], expand)
+        return adapter_names
+
     def base_weight_nk(self) -> torch.Tensor:
         """The frozen weight as (out_features, in_features), a view for Conv1D."""
         w = self.base_layer.weight

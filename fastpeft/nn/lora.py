@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops import lora_linear
 from ..ops.grouped_lora import grouped_lora_linear, plan_groups
-from ._base import AdapterLayer, adapter_dtype, merge_dtype, rows_names
+from ._base import AdapterLayer, adapter_dtype, merge_dtype
 
 
 class LoraLinear(AdapterLayer):
@@ -73,9 +73,7 @@ class LoraLinear(AdapterLayer):
                            self._dropout_p(name), self.training)
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if adapter_names is None and self._row_names is not None:  # a mixed-adapter batch of the whole model
-            names, expand = self._row_names
-            adapter_names = rows_names(names, x.shape[0], expand)
+        adapter_names = self._row_adapters(x, adapter_names)  # a mixed-adapter batch of the whole model
         # the common case first, read straight from the containers: one active, unmerged adapter
         if not (self.disable_adapters or adapter_names is not None or self.merged_adapters or args or kwargs) \
                 and len(self.active_adapters) == 1:
@@ -89,14 +87,8 @@ class LoraLinear(AdapterLayer):
                 return lora_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias,
                                    a_mod._parameters["weight"], mods["lora_B"]._modules[name]._parameters["weight"],
                                    self.scaling[name], drop.p if type(drop) is nn.Dropout else 0.0, self.training)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            if self.merged:
-                raise ValueError("a mixed-adapter batch (adapter_names) cannot run on merged weights; unmerge first")
-            return self._mixed_batch_forward(x, adapter_names)
+        if self.disable_adapters or adapter_names is not None:
+            return self._disabled_or_mixed(x, args, kwargs, adapter_names)
         active = [a for a in self._active() if a not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -106,6 +98,17 @@ class LoraLinear(AdapterLayer):
             xd = self.lora_dropout[name](x.to(a.dtype))
             y = (y + (xd @ a.t() @ b.t()) * self.scaling[name]).to(y.dtype)
         return y
+
+    def _disabled_or_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict,
+                           adapter_names: list[str] | None) -> torch.Tensor:
+        """Disabled adapters (the frozen layer alone, unmerged first, as PEFT) or a mixed-adapter batch."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            raise ValueError("a mixed-adapter batch (adapter_names) cannot run on merged weights; unmerge first")
+        return self._mixed_batch_forward(x, adapter_names)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Each batch row through its own adapter ("__base__": none): the base projection once for the

@@ -11,38 +11,26 @@ import warnings
 import torch
 from torch import nn
 
-from ..quant.linear import _use_triton, qlora_linear
+from ..quant.linear import _use_triton, qlora_layer
 from ..quant.nf4 import quantize_4bit
 from .linear4bit import Linear4bit
-from ._base import rows_names
 from .lora import LoraLinear
 
 
 class LoraLinear4bit(LoraLinear):
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if adapter_names is None and self._row_names is not None:  # a mixed-adapter batch of the whole model
-            names, expand = self._row_names
-            adapter_names = rows_names(names, x.shape[0], expand)
+        adapter_names = self._row_adapters(x, adapter_names)  # a mixed-adapter batch of the whole model
         base = self.base_layer
         if _use_triton(x) and isinstance(base, Linear4bit) and not (self.disable_adapters or adapter_names is not None
                                                                     or self.merged_adapters or args or kwargs) \
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self.lora_A:
             # one active adapter on the GPU: the fused NF4-prologue GEMM with the LoRA term in its epilogue
             name = self.active_adapters[0]
-            inp_dtype = x.dtype
-            xc = x.to(base.compute_dtype) if base.compute_dtype is not None else x
-            bias = base.bias if base.bias is None or base.bias.dtype == xc.dtype else base.bias.to(xc.dtype)
-            y = qlora_linear(xc, base.weight, base.quant_state, bias, self.lora_A[name].weight,
-                             self.lora_B[name].weight, self.scaling[name], self._dropout_p(name), self.training)
-            return y.to(inp_dtype)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            if self.merged:
-                raise ValueError("a mixed-adapter batch (adapter_names) cannot run on merged weights; unmerge first")
-            return self._mixed_batch_forward(x, adapter_names)
+            return qlora_layer(x, base.weight, base.quant_state, base.bias, base.compute_dtype,
+                               self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                               self._dropout_p(name), self.training)
+        if self.disable_adapters or adapter_names is not None:
+            return self._disabled_or_mixed(x, args, kwargs, adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

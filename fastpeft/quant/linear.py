@@ -137,3 +137,16 @@ def qlora_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState4bit, b
     """The fused QLoRA layer (the Triton path; `LoraLinear4bit` takes it on CUDA): x in the compute dtype,
     A (r, K) and B (N, r) in the adapter dtype."""
     return _QLoraFn.apply(x, packed, state, bias, lora_a, lora_b, float(scaling), float(dropout_p), bool(training))
+
+
+def qlora_layer(x: torch.Tensor, packed: torch.Tensor, state: QuantState4bit, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype | None, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """`qlora_linear` as a 4-bit layer runs it (fastpeft's and bitsandbytes' Linear4bit alike): x and the bias
+    in the layer's compute dtype (default: x's), the output back in x's dtype."""
+    dtype = compute_dtype or x.dtype
+    xc = x if x.dtype == dtype else x.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    y = qlora_linear(xc, packed, state, bias, lora_a, lora_b, scaling, dropout_p, training)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

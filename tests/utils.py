@@ -56,31 +56,12 @@ def linear_inputs(device, m: int, k: int, n: int, dtype: torch.dtype, bias: bool
 def launch_ranks(script, args, world: int, timeout: float = 150) -> list[tuple[str, str]]:
     """Run `python script *args` as `world` gloo ranks on this machine (one plain process when world is 1),
     one CPU thread each; fail the test on a timeout or a non-zero exit.  Returns each rank's (stdout, stderr)."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
+    results = launch_ranks_any(script, args, world, timeout)
+    for code, _, err in results:
+        if code is None:
             pytest.fail(f"{world} rank(s) of {script} timed out")
-        assert p.returncode == 0, outputs[-1][1][-3000:]
-    return outputs
+        assert code == 0, err[-3000:]
+    return [(out, err) for _, out, err in results]
 
 
 def launch_ranks_any(script, args, world: int, timeout: float = 150, env: dict | None = None

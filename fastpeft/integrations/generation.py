@@ -9,8 +9,9 @@ take "no cache found" to mean "first step".
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
@@ -49,3 +50,19 @@ def cache_argument(model: Any) -> str:
     """The keyword `model.forward` takes its cache under on this transformers release."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def patched_prepare(model: Any, make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """For the duration: `model.prepare_inputs_for_generation` = make(the current one), then put back
+    exactly as it was (an instance attribute restored, the class's method uncovered)."""
+    had = "prepare_inputs_for_generation" in model.__dict__
+    previous = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = make(model.prepare_inputs_for_generation)
+    try:
+        yield
+    finally:
+        if had:
+            model.prepare_inputs_for_generation = previous
+        else:
+            del model.prepare_inputs_for_generation

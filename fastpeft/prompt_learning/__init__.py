@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 from ..integrations import transformers_attention as attn
-from ..integrations.generation import cache_length, find_cache
+from ..integrations.generation import cache_length, find_cache, patched_prepare
 from ..ops import soft_prompt_embed
 from ..ops._common import value_checks
 from . import seq2seq
@@ -253,22 +253,8 @@ def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | Non
     else:
         prepare = _prompt_prepare(model, table, index, P)
         ctx = contextlib.nullcontext()
-    with ctx, _patched_prepare(model, prepare):
+    with ctx, patched_prepare(model, prepare):
         return model.generate(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _patched_prepare(model: nn.Module, make) -> Iterator[None]:
-    had = "prepare_inputs_for_generation" in model.__dict__
-    previous = model.__dict__.get("prepare_inputs_for_generation")
-    model.prepare_inputs_for_generation = make(model.prepare_inputs_for_generation)
-    try:
-        yield
-    finally:
-        if had:
-            model.prepare_inputs_for_generation = previous
-        else:
-            del model.prepare_inputs_for_generation
 
 
 def _prefix_prepare(model: nn.Module, P: int):

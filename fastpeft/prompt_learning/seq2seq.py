@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..integrations.generation import CACHE_NAMES, cache_length, find_cache
+from ..integrations.generation import CACHE_NAMES, cache_length, find_cache, patched_prepare
 from ..ops import soft_prompt_embed
 
 __all__ = ["is_encoder_decoder", "check_model", "forward", "generate"]
@@ -194,46 +193,41 @@ def generate(peft_model: nn.Module, table: torch.Tensor, index: torch.Tensor | N
                                   "decoder_attention_mask (the decoder's cache starts with the prefix)")
     uncached = kwargs.get("use_cache") is False or (kwargs.get("use_cache") is None and
                                                      getattr(model.generation_config, "use_cache", True) is False)
-    with _prefill_prefix(model, table, index, config, uncached):
+    with patched_prepare(model, _prefill_prefix(model, table, index, config, uncached)):
         return model.generate(**kwargs)
 
 
-@contextlib.contextmanager
 def _prefill_prefix(model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, config: Any,
                     uncached: bool):
-    """Patch `prepare_inputs_for_generation` so that the prefill step's (empty) cache gets the prefix;
-    `uncached` (generate with use_cache=False): every step gets a fresh cache holding only the prefix."""
-    base_prepare = model.prepare_inputs_for_generation
-    had = "prepare_inputs_for_generation" in model.__dict__
-    previous = model.__dict__.get("prepare_inputs_for_generation")
+    """A `prepare_inputs_for_generation` wrapper (for `patched_prepare`) by which the prefill step's (empty)
+    cache gets the prefix; `uncached` (generate with use_cache=False): every step gets a fresh cache holding
+    only the prefix."""
+    def make(base_prepare):
+        def prepare(*args, **kwargs):
+            return _with_prefix(base_prepare(*args, **kwargs), model, table, index, config, uncached)
+        return prepare
+    return make
 
-    def prepare(*args, **kwargs):
-        inputs = base_prepare(*args, **kwargs)
-        cache = find_cache(inputs)
-        # the prefix goes in at the prefill step (empty cache), or at every step of a generate without
-        # a cache (use_cache=False recomputes the whole decoder sequence each step)
-        if uncached or cache_length(cache) == 0:
-            decoder_ids = inputs["decoder_input_ids"]
-            batch = decoder_ids.shape[0]
-            rows = None
-            if index is not None:
-                from ..integrations.transformers_attention import _rows
 
-                rows = _rows(index, batch)
-            with torch.no_grad():
-                kv = _prefix_kv(table, rows, config, batch, getattr(model, "dtype", None))
-            name = next((n for n in CACHE_NAMES if inputs.get(n) is not None), _cache_name(model))
-            if cache is not None and cache_length(cache) == 0 and not uncached:
-                _prefix_cache(kv, cache)
-            else:
-                inputs[name] = _prefix_cache(kv)
-        return inputs
+def _with_prefix(inputs: dict, model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, config: Any,
+                 uncached: bool) -> dict:
+    """`inputs` of one generation step, the prefix put into the decoder's self-attention cache where it starts."""
+    cache = find_cache(inputs)
+    # the prefix goes in at the prefill step (empty cache), or at every step of a generate without
+    # a cache (use_cache=False recomputes the whole decoder sequence each step)
+    if uncached or cache_length(cache) == 0:
+        decoder_ids = inputs["decoder_input_ids"]
+        batch = decoder_ids.shape[0]
+        rows = None
+        if index is not None:
+            from ..integrations.transformers_attention import _rows
 
-    model.prepare_inputs_for_generation = prepare
-    try:
-        yield
-    finally:
-        if had:
-            model.prepare_inputs_for_generation = previous
+            rows = _rows(index, batch)
+        with torch.no_grad():
+            kv = _prefix_kv(table, rows, config, batch, getattr(model, "dtype", None))
+        name = next((n for n in CACHE_NAMES if inputs.get(n) is not None), _cache_name(model))
+        if cache is not None and cache_length(cache) == 0 and not uncached:
+            _prefix_cache(kv, cache)
         else:
-            del model.prepare_inputs_for_generation
+            inputs[name] = _prefix_cache(kv)
+    return inputs

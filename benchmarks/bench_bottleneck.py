@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 import fastpeft
 from fastpeft.backend import last_backend
 from fastpeft.bench.saved_bytes import saved_bytes
+from fastpeft.bench.suite import write_results
 from fastpeft.bench.timing import measure, release_memory
 from fastpeft.ops.bottleneck import bottleneck_adapter
 from fastpeft.optim import GradientPeak
@@ -165,12 +165,9 @@ def main(argv=None) -> int:
     for r in lomo_rows:
         print(json.dumps(r))
     if args.out:
-        meta = {"bench": "bottleneck", "device": torch.cuda.get_device_name() if device == "cuda"
-                else platform.processor(), "torch": torch.__version__, "fastpeft": fastpeft.__version__,
-                "figures": "kernel" if device == "cuda" else "CPU reference (torch backend), not kernel figures"}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "bottleneck": rows, "lomo": lomo_rows}, f, indent=1)
-        print(f"wrote {args.out}")
+        write_results(args.out, "bottleneck", device,
+                      figures="kernel" if device == "cuda" else "CPU reference (torch backend), not kernel figures",
+                      bottleneck=rows, lomo=lomo_rows)
     return 0
 
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 import fastpeft
+from fastpeft.bench.overhead import interleaved_medians
 from fastpeft.bench.saved_bytes import batch, tiny_llama
+from fastpeft.bench.suite import write_results
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
@@ -43,17 +41,6 @@ def _step(model, data):
     return step
 
 
-def _median_ms(fns: list, rounds: int, calls: int) -> list[float]:
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[i].append((time.perf_counter() - t0) / calls * 1e3)
-    return [statistics.median(t) for t in times]
-
-
 def measure(config: str, rounds: int, calls: int) -> dict:
     import peft
 
@@ -64,10 +51,8 @@ def measure(config: str, rounds: int, calls: int) -> dict:
         models[name] = model
         models[name + "_compiled"] = torch.compile(model, fullgraph=True)
     steps = {name: _step(m, data) for name, m in models.items()}
-    for step in steps.values():  # compile and warm up every provider before any is timed
-        for _ in range(3):
-            step()
-    ms = dict(zip(steps, _median_ms(list(steps.values()), rounds, calls)))
+    # compiled and warmed up before any is timed, then timed in interleaved rounds
+    ms = dict(zip(steps, (us / 1e3 for us in interleaved_medians(list(steps.values()), rounds, calls, warmup=3))))
     torch._dynamo.reset()
     return {"config": config, **{k: round(v, 3) for k, v in ms.items()},
             "compiled_ratio": round(ms["fastpeft_compiled"] / ms["peft_compiled"], 3),
@@ -95,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config:<14} {r['peft']:>8.2f} {r['peft_compiled']:>14.2f} {r['fastpeft']:>9.2f} "
               f"{r['fastpeft_compiled']:>18.2f} {r['compiled_ratio']:>14.2f}x {r['eager_ratio']:>11.2f}x", flush=True)
     if args.out:
-        meta = {"bench": "compile", "device": platform.processor() or platform.machine(), "threads": 1,
-                "torch": torch.__version__, "fastpeft": fastpeft.__version__}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print(f"wrote {args.out}")
+        write_results(args.out, "compile", rows=rows)
     return 0
 
 

@@ -15,16 +15,15 @@ interleaved rounds (spread: 20th/80th percentiles).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 import fastpeft
+from fastpeft.bench.suite import write_results
 
 
 def _model(args, seed=0):
@@ -179,18 +178,7 @@ def main(argv=None) -> int:
           f"medians of {args.rounds} rounds")
     print(table(rows))
     if args.out:
-        meta = {"bench": "multi_adapter", "device": platform.processor() or platform.machine(),
-                "threads": args.threads, "torch": torch.__version__, "fastpeft": fastpeft.__version__,
-                "args": {k: v for k, v in vars(args).items() if k != "out"}}
-        try:
-            import peft
-            meta["peft"] = peft.__version__
-            meta["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except Exception:
-            pass
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print(f"wrote {args.out}")
+        write_results(args.out, "multi_adapter", args={k: v for k, v in vars(args).items() if k != "out"}, rows=rows)
     return 0
 
 

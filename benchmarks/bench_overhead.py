@@ -9,14 +9,10 @@ side with PEFT eager and the frozen nn.Linear, in one process (see fastpeft/benc
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 
-import torch
-
-import fastpeft
 from fastpeft.bench.overhead import CASES, measure, table
+from fastpeft.bench.suite import write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,16 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(cases, rounds=args.rounds, calls=args.calls)
     print(table(rows))
     if args.out:
-        meta = {"bench": "overhead", "device": platform.processor() or platform.machine(), "threads": 1,
-                "torch": torch.__version__, "fastpeft": fastpeft.__version__}
-        try:
-            import peft
-            meta["peft"] = peft.__version__
-        except ImportError:
-            pass
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print(f"\nwrote {args.out}")
+        write_results(args.out, "overhead", rows=rows)
     return 0
 
 

@@ -8,6 +8,7 @@ failure shows its error and the run goes on.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -100,6 +101,17 @@ def environment(device: str) -> dict:
             "backend": {"forced": backend.get_backend() or "auto",
                         "available": {op: backend.available(op) for op in
                                       ("lora_linear", "ia3_linear", "prefix_attention", "soft_prompt_embed")}}}
+
+
+def write_results(path: str, bench: str, device: str = "cpu", **payload) -> None:
+    """A benchmark script's JSON file: {"meta": {bench, device, versions, git, threads}, **payload}, the
+    environment as `fastpeft bench` records it."""
+    env = environment(device)
+    meta = {"bench": bench, "device": env["device"], "versions": env["versions"], "git": env["git"],
+            "threads": torch.get_num_threads()}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **payload}, f, indent=1)
+    print(f"wrote {path}")
 
 
 def git_revision() -> dict | None:

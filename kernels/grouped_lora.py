@@ -25,17 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+# the host-side helpers the adapted-linear kernels use (16-bit products as TF32, fp32 per torch's setting)
+from .adapted_linear import _cdiv, dot_precision, rank_pad
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_RANK = 256
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-def rank_pad(r: int) -> int:
-    """tl.dot needs tile sides ≥ 16 and powers of two: the rank is padded (and masked)."""
-    return max(16, _pow2(r))
 
 
 # S[m, r] = scale_g · Σ_k X[order[m], k] · W[g, r, k] for m in segment g; grid (m blocks, G).
@@ -187,10 +181,6 @@ def bgmv_kernel(
 
 
 # ------------------------------------------------------------------------------ launch wrappers
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # Tile sizes by the padded rank, so the fp32 tiles stay in registers (checked with ptxas for sm_80 and
 # sm_90 at r 16/64/256: no spills); the interpreter takes the smallest tiles.
 def _block_m(max_len: int, r_pad: int) -> int:
@@ -201,14 +191,6 @@ def _block_m(max_len: int, r_pad: int) -> int:
 
 def _block_k(r_pad: int) -> int:
     return 32 if INTERPRET else (64 if r_pad <= 32 else (32 if r_pad <= 64 else 16))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """Low-rank products of 16-bit activations run as TF32 (the activations are exact in it, as in the
-    adapted-linear kernels); fp32 layers follow torch's matmul precision setting."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 def _scale_arg(scale_t, like):
@@ -228,7 +210,7 @@ def sgmv_shrink(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, max
     scale, has_scale = _scale_arg(scale_t, s)
     sgmv_shrink_kernel[(_cdiv(max_len, bm), groups)](
         x, order, offsets, w, scale, s, k, r, x.stride(0), x.stride(1), *w.stride(), s.stride(0), s.stride(1),
-        HAS_SCALE=has_scale, R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=bm, BLOCK_K=_block_k(r_pad))
+        HAS_SCALE=has_scale, R_PAD=r_pad, PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_K=_block_k(r_pad))
     return s
 
 
@@ -245,7 +227,7 @@ def sgmv_expand(s: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, max
     scale, has_scale = _scale_arg(scale_t, s)
     sgmv_expand_kernel[(_cdiv(max_len, bm), _cdiv(n, bn), groups)](
         s, order, offsets, lo, scale, out, n, r, s.stride(0), s.stride(1), *lo.stride(), out.stride(0), out.stride(1),
-        HAS_SCALE=has_scale, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), PRECISION=_precision(out.dtype), BLOCK_M=bm,
+        HAS_SCALE=has_scale, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), PRECISION=dot_precision(out.dtype), BLOCK_M=bm,
         BLOCK_N=bn)
     return out
 
@@ -260,7 +242,7 @@ def sgmv_reduce(t: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: 
     scale, has_scale = _scale_arg(scale_t, d)
     sgmv_reduce_kernel[(_cdiv(k, bk), groups)](
         t, x, order, offsets, scale, d, k, r, t.stride(0), t.stride(1), x.stride(0), x.stride(1), *d.stride(),
-        HAS_SCALE=has_scale, R_PAD=r_pad, PRECISION=_precision(x.dtype),
+        HAS_SCALE=has_scale, R_PAD=r_pad, PRECISION=dot_precision(x.dtype),
         BLOCK_M=16 if INTERPRET or r_pad > 64 else 32, BLOCK_K=bk)
     return d
 

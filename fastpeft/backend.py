@@ -79,6 +79,22 @@ def get_backend() -> str | None:
         raise ValueError(f"environment variable FASTPEFT_BACKEND: {err}") from None
 
 
+# os.environ's own dict (encoded keys): reading it directly costs a twentieth of os.environ.get, which
+# matters on the eager hot path; os.environ[...] = / pytest's monkeypatch.setenv write through to it
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTPEFT_BACKEND") if _ENV_DATA is not None else None
+
+
+def torch_or_auto() -> bool:
+    """Whether the backend is chosen automatically or "torch" is forced: the eager CPU fast paths' test
+    (on a CPU both give the torch path), cheaper than `get_backend()`, which validates the variable."""
+    if _forced is not None:
+        return _forced == "torch"
+    if _ENV_DATA is not None and not _ENV_DATA.get(_ENV_KEY):
+        return True
+    return get_backend() in (None, "torch")
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Context manager form of `set_backend`."""

@@ -279,12 +279,12 @@ def test_method_not_implemented_is_not_available(monkeypatch, tmp_path):
 def test_wrong_fastpeft_result_fails_the_run(monkeypatch, tmp_path, capsys):
     import fastpeft.ops.lora as lora_op
 
-    right = lora_op._native_forward  # the CPU path the checks (dropout off) run
+    # the CPU paths the checks (dropout off) run: scaling 1 and any other scaling
+    for name in ("_native_forward", "_cpu_apply"):
+        def wrong(*args, right=getattr(lora_op, name), **kwargs):
+            return right(*args, **kwargs) * 1.5  # fast but wrong
 
-    def wrong(*args, **kwargs):
-        return right(*args, **kwargs) * 1.5  # fast but wrong
-
-    monkeypatch.setattr(lora_op, "_native_forward", wrong)
+        monkeypatch.setattr(lora_op, name, wrong)
     code = bench_main([*TINY, "--methods", "lora", "--layers-only", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 1

@@ -29,6 +29,18 @@ def rows_names(names: list[str], rows: int, expand: bool) -> list[str]:
     return [n for n in names for _ in range(k)]
 
 
+def base_params(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a base layer read from its parameter dict, a twentieth of the cost of
+    `base.weight` (nn.Module.__getattr__) on the hot path; attributes where they are not plain
+    parameters (a parametrization, a property)."""
+    params = base._parameters
+    weight = params.get("weight")
+    if weight is None:
+        weight = base.weight
+    bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
+    return weight, bias
+
+
 class AdapterLayer(nn.Module):
     """Base of LoraLinear / IA3Linear: holds `base_layer` and the active/merged adapter state."""
 

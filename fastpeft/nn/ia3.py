@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import ia3_linear
-from ._base import AdapterLayer, adapter_dtype, merge_dtype
+from ._base import AdapterLayer, adapter_dtype, base_params, merge_dtype
 
 
 class IA3Linear(AdapterLayer):
@@ -40,10 +40,8 @@ class IA3Linear(AdapterLayer):
         if not (self.disable_adapters or self.merged_adapters or args or kwargs) and len(self.active_adapters) == 1:
             scale = self._modules["ia3_l"]._parameters.get(self.active_adapters[0])
             if scale is not None:
-                base = self._modules["base_layer"]
-                weight = base.weight
-                return ia3_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias, scale,
-                                  self.is_feedforward)
+                weight, bias = base_params(self._modules["base_layer"])
+                return ia3_linear(x, weight.t() if self.fan_in_fan_out else weight, bias, scale, self.is_feedforward)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops import lora_linear
 from ..ops.grouped_lora import grouped_lora_linear, plan_groups
-from ._base import AdapterLayer, adapter_dtype, merge_dtype
+from ._base import AdapterLayer, adapter_dtype, base_params, merge_dtype
 
 
 class LoraLinear(AdapterLayer):
@@ -73,20 +73,20 @@ class LoraLinear(AdapterLayer):
                            self._dropout_p(name), self.training)
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        adapter_names = self._row_adapters(x, adapter_names)  # a mixed-adapter batch of the whole model
-        # the common case first, read straight from the containers: one active, unmerged adapter
-        if not (self.disable_adapters or adapter_names is not None or self.merged_adapters or args or kwargs) \
-                and len(self.active_adapters) == 1:
+        # the common case first, read straight from the containers (no nn.Module.__getattr__): one active,
+        # unmerged adapter, no mixed batch
+        if adapter_names is None and self._row_names is None and len(self.active_adapters) == 1 \
+                and not (self.disable_adapters or self.merged_adapters or args or kwargs):
             name = self.active_adapters[0]
             mods = self._modules
             a_mod = mods["lora_A"]._modules.get(name)
             if a_mod is not None:
-                base = mods["base_layer"]
-                weight = base.weight
+                weight, bias = base_params(mods["base_layer"])
                 drop = mods["lora_dropout"]._modules[name]
-                return lora_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias,
+                return lora_linear(x, weight.t() if self.fan_in_fan_out else weight, bias,
                                    a_mod._parameters["weight"], mods["lora_B"]._modules[name]._parameters["weight"],
                                    self.scaling[name], drop.p if type(drop) is nn.Dropout else 0.0, self.training)
+        adapter_names = self._row_adapters(x, adapter_names)  # a mixed-adapter batch of the whole model
         if self.disable_adapters or adapter_names is not None:
             return self._disabled_or_mixed(x, args, kwargs, adapter_names)
         active = [a for a in self._active() if a not in self.merged_adapters]

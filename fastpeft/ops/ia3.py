@@ -203,6 +203,8 @@ def _validate(x, weight, bias, ia3_l, feedforward) -> None:
 
 
 _PLANS: dict[tuple, backend.Impl] = {}
+_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+_CHECKED: set[tuple] = set()  # argument shapes the fast path has validated
 
 
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor,
@@ -212,6 +214,23 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x: (..., K); weight: (N, K); bias: (N,) or None; ia3_l: N elements (output scaling) or
     K elements (feedforward input scaling)."""
     feedforward = bool(feedforward)
+    # the CPU fast path: the torch backend (automatic or forced), one floating dtype: two aten ops that
+    # autograd differentiates in C++ (no Python backward).  It keeps what IA3LinearFn keeps: z = x·Wᵀ + b
+    # for output scaling, x for input scaling (each only when l is trained), x for the frozen W never.
+    # The named checks run once per distinct set of shapes.
+    dt = x.dtype
+    if x.is_cpu and dt is weight.dtype and dt is ia3_l.dtype and dt in _FAST_DTYPES and weight.is_cpu \
+            and ia3_l.is_cpu and (bias is None or bias.is_cpu) and backend.torch_or_auto() \
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
+        shapes = (x.shape[-1:], weight.shape, ia3_l.shape, None if bias is None else bias.shape, feedforward)
+        if shapes not in _CHECKED:
+            _validate(x, weight, bias, ia3_l, feedforward)
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED.add(shapes)
+        backend._LAST[OP] = "torch"
+        l = ia3_l.view(-1)
+        return F.linear(x * l, weight, bias) if feedforward else F.linear(x, weight, bias) * l
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _ia3_linear_slow(x, weight, bias, ia3_l, feedforward)
     forced = backend.get_backend()

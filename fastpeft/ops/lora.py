@@ -298,13 +298,13 @@ _LIB.define("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, 
 
 
 def _lora_fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, dropout_p)[0]
+    impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, dropout_p)
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["forward"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng))
 
 
 def _lora_bwd_impl(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
-    impl = _plan(x, weight, None, lora_A, lora_B, dropout_p, dropout_p)[0]
+    impl = _plan(x, weight, None, lora_A, lora_B, dropout_p, dropout_p)
     rng = _compiled_rng(impl, dropout_p, seed, x.device)
     return dense(*impl.fns["backward"](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, rng))
 
@@ -360,13 +360,13 @@ def _validate(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-_PLANS: dict[tuple, tuple[backend.Impl, bool]] = {}
+_PLANS: dict[tuple, backend.Impl] = {}
 
 
-def _plan(x, weight, bias, lora_A, lora_B, dropout_p, p) -> tuple[backend.Impl, bool]:
-    """(backend, native) for a call: the checks and the backend choice once per signature (what they read
-    cannot change between calls); native: the dropout-free one-dtype torch path runs as plain aten ops.
-    Eager calls and the custom ops' real-tensor bodies (torch.compile) share it."""
+def _plan(x, weight, bias, lora_A, lora_B, dropout_p, p) -> backend.Impl:
+    """The backend for a call off the CPU fast path: the checks and the choice once per signature (what
+    they read cannot change between calls).  Eager calls and the custom ops' real-tensor bodies
+    (torch.compile) share it."""
     forced = backend.get_backend()
     key = (forced, x.shape[-1:], x.dtype, x.device, weight.shape, weight.dtype, weight.device, lora_A.shape,
            lora_A.dtype, lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
@@ -380,9 +380,9 @@ def _plan(x, weight, bias, lora_A, lora_B, dropout_p, p) -> tuple[backend.Impl, 
         impl = backend.select(OP, x, weight, bias, lora_A, lora_B, p)
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        plan = _PLANS[key] = (impl, impl.backend == "torch" and p <= 0.0 and x.dtype == lora_A.dtype == lora_B.dtype)
+        plan = _PLANS[key] = impl
     else:
-        backend._LAST[OP] = plan[0].backend
+        backend._LAST[OP] = plan.backend
     return plan
 
 
@@ -397,27 +397,110 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     drawn from it), so torch.manual_seed governs it either way.
     """
     p = float(dropout_p) if training else 0.0
+    # the CPU fast path: the torch backend (automatic or forced), one floating dtype, no explicit seed; the
+    # named checks once per distinct set of shapes
+    dt = x.dtype
+    if x.is_cpu and dt is weight.dtype and dt is lora_A.dtype and dt is lora_B.dtype and seed is None \
+            and dt in _FAST_DTYPES and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu \
+            and (bias is None or bias.is_cpu) and backend.torch_or_auto() \
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
+        shapes = (x.shape[-1:], weight.shape, lora_A.shape, lora_B.shape, None if bias is None else bias.shape,
+                  dropout_p)
+        if shapes not in _CHECKED:
+            _validate(x, weight, bias, lora_A, lora_B, dropout_p)
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED.add(shapes)
+        backend._LAST[OP] = "torch"
+        if p == 0.0 and scaling == 1.0:  # no alpha: aten's own graph is the cheapest (no Python backward)
+            return _native_forward(x, weight, bias, lora_A, lora_B)
+        if functorch_active():
+            return _CpuLoraFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
+        return _cpu_apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _lora_linear_slow(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, p, seed)
-    impl, native = _plan(x, weight, bias, lora_A, lora_B, dropout_p, p)
-    if native:
-        return _native_forward(x, weight, bias, lora_A, lora_B, float(scaling))
+    impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, p)
     cfg = (float(scaling), p, seed, impl)
     if functorch_active():
         return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, cfg)
     return _lora_apply(x, weight, bias, lora_A, lora_B, cfg)
 
 
-def _native_forward(x, weight, bias, lora_A, lora_B, scaling):
-    """The torch path without dropout, all tensors of one dtype: three aten ops that autograd
-    differentiates in C++ (no Python backward, the cheapest eager call on a CPU), the same math as
-    `torch_forward`: y = x·Wᵀ + b + scaling·S·Bᵀ with S = x·Aᵀ.  Autograd keeps what LoraLinearFn
-    keeps: x (for dA; one storage shared by every projection of the same input) and S (for dB),
-    never x for the frozen W."""
+_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+_CHECKED: set[tuple] = set()  # argument shapes the fast path has validated
+
+
+class _CpuLoraFn(torch.autograd.Function):
+    """The CPU fast path in one node (`torch_forward` / `torch_backward` specialised to one dtype, no
+    explicit seed, with their Python cut to the bone): scaling and 1/(1-p) ride in the GEMMs' alpha;
+    dropout draws its mask from a generator of its own seeded with a seed drawn from torch's default
+    one (as LoraLinearFn and the compiled op do: the same masks), and the backward re-draws it rather
+    than keeping it.  Saves x (for dA, or a trained W), S (for dB) and the frozen operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p):
+        shape = x.shape
+        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
+        y = F.linear(x2, weight, bias)
+        if p > 0.0:
+            seed = new_seed()
+            _CPU_GEN.manual_seed(seed)
+            xd = keep_mask(x2.shape[0], x2.shape[1], p, _CPU_GEN, x2.device, x2.dtype).mul_(x2)
+            s = torch.addmm(_zero(xd), xd, lora_A.t(), beta=0, alpha=1.0 / (1.0 - p))
+            ctx.seed = seed
+        else:
+            s = torch.mm(x2, lora_A.t())
+        y.addmm_(s, lora_B.t(), alpha=scaling)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if (needs[3] or needs[1]) else None, weight, lora_A, lora_B, s if needs[4] else None)
+        ctx.cfg = (scaling, p, shape, bias is not None)
+        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        scaling, p, shape, has_bias = ctx.cfg
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        zero = _zero(dy2)
+        ds = torch.addmm(zero, dy2, lora_B, beta=0, alpha=scaling)  # scaling·dy·B (M, r)
+        d_b = torch.addmm(zero, dy2.t(), s, beta=0, alpha=scaling) if need_b else None
+        dx = d_a = None
+        if p > 0.0:
+            inv_q = 1.0 / (1.0 - p)
+            _CPU_GEN.manual_seed(ctx.seed)
+            keep = keep_mask(dy2.shape[0], lora_A.shape[1], p, _CPU_GEN, dy2.device, dy2.dtype)
+            if need_x:  # dx = dy·W + (ds·A ∘ keep) / (1-p)
+                dx = torch.mm(dy2, weight).addcmul_(torch.mm(ds, lora_A), keep, value=inv_q)
+            if need_a:  # dA = dsᵀ·(x ∘ keep) / (1-p)
+                d_a = torch.addmm(zero, ds.t(), keep.mul_(x), beta=0, alpha=inv_q)
+        else:
+            if need_x:
+                dx = torch.mm(dy2, weight).addmm_(ds, lora_A)
+            if need_a:
+                d_a = torch.mm(ds.t(), x)
+        d_w = dy2.t() @ x if need_w else None
+        d_bias = dy2.sum(0) if has_bias and need_bias else None
+        if dx is not None and len(shape) != 2:
+            dx = dx.view(shape)
+        return dx, d_w, d_bias, d_a, d_b, None, None
+
+
+_CPU_GEN = torch.Generator("cpu")
+_cpu_apply = raw_apply(_CpuLoraFn)
+
+
+def _native_forward(x, weight, bias, lora_A, lora_B):
+    """The dropout-free path at scaling 1, all tensors of one dtype: three aten ops that autograd
+    differentiates in C++ (no Python backward, the cheapest eager call on a CPU; with another scaling
+    addmm's alpha costs two multiplies in aten's backward, and LoraLinearFn, which folds it into its
+    GEMMs, is cheaper), the same math as `torch_forward`: y = x·Wᵀ + b + S·Bᵀ with S = x·Aᵀ.
+    Autograd keeps what LoraLinearFn keeps: x (for dA; one storage shared by every projection of
+    the same input) and S (for dB), never x for the frozen W."""
     if x.dim() == 2:
-        return torch.addmm(F.linear(x, weight, bias), torch.mm(x, lora_A.t()), lora_B.t(), alpha=scaling)
+        return torch.addmm(F.linear(x, weight, bias), torch.mm(x, lora_A.t()), lora_B.t())
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(F.linear(x2, weight, bias), torch.mm(x2, lora_A.t()), lora_B.t(), alpha=scaling)
+    y = torch.addmm(F.linear(x2, weight, bias), torch.mm(x2, lora_A.t()), lora_B.t())
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

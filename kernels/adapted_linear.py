@@ -396,10 +396,6 @@ def _seed_arg(seed):
     return int(seed)
 
 
-def _dtypes(*tensors: torch.Tensor) -> tuple:
-    return tuple(t.dtype for t in tensors)
-
-
 def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: torch.dtype, *,
          bias: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
          out_scale: torch.Tensor | None = None, lowrank: tuple | None = None, dropout: tuple | None = None,
@@ -429,22 +425,33 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
     in_t = in_scale if in_scale is not None else dummy
     out_t = out_scale if out_scale is not None else dummy
     pre_t = pre if pre is not None else dummy
-    r_pad = rank_pad(r)
-    meta = dict(HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
-                HAS_LR=lowrank is not None, STORE_PRE=pre is not None, LR_DROPOUT=lowrank is not None and p > 0.0,
-                GRAD_MODE=mode, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), SEED_PTR=isinstance(seed, torch.Tensor),
-                DOT_PRECISION=dot_precision(a.dtype),
-                **lowrank_mode(a.dtype, adapter_dtype))
     args = (a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t, m, n, k, r, m_bucket(m),
             a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), *s_strides,
             stride_lr, stride_ln, *aux_strides, *((pre.stride(0), pre.stride(1)) if pre is not None else (0, 0)),
             float(lr_scale), _seed_arg(seed), float(p), 1.0 / (1.0 - p))
+    # the plan's key from what decides the meta-parameters and the grid, before building them: a planned
+    # launch skips that work
+    seed_ptr = isinstance(seed, torch.Tensor)
+    key = ("gemm", m, n, k, r, device, a.dtype, b.dtype, out_dtype, adapter_dtype, mode, p > 0.0, seed_ptr,
+           None if bias is None else bias.dtype, None if in_scale is None else in_scale.dtype,
+           None if out_scale is None else out_scale.dtype, None if lowrank is None else (s.dtype, l_t.dtype),
+           (aux.dtype, grad_buf.dtype) if mode else None, None if pre is None else pre.dtype,
+           torch.get_float32_matmul_precision() if torch.float32 in (a.dtype, adapter_dtype) else None)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        fn, grid_now, kwargs = plan
+        fn[grid_now](*args, **kwargs)
+        return c
+    r_pad = rank_pad(r)
+    meta = dict(HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
+                HAS_LR=lowrank is not None, STORE_PRE=pre is not None, LR_DROPOUT=lowrank is not None and p > 0.0,
+                GRAD_MODE=mode, R_PAD=r_pad, R_BLOCK=min(r_pad, 32), SEED_PTR=seed_ptr,
+                DOT_PRECISION=dot_precision(a.dtype),
+                **lowrank_mode(a.dtype, adapter_dtype))
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
-    key = ("gemm", m, n, k, device, tuple(meta.values()),
-           _dtypes(a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t))
     launch(adapted_linear_kernel, grid, key, args, meta)
     return c
 
@@ -461,17 +468,25 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
     t, out, dual_scale = dual if dual is not None else (dummy, dummy, 0.0)
     t_strides = t.stride() if dual is not None else (0, 0)
     o_strides = out.stride() if dual is not None else (0, 0)
-    meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), SEED_PTR=isinstance(seed, torch.Tensor),
-                **lowrank_mode(x.dtype, adapter_dtype))
     args = (x, w, s, t, out, m, k, r, m_bucket(m), x.stride(0), x.stride(1), stride_wk, stride_wr,
             s.stride(0), s.stride(1), *t_strides, *o_strides, float(scale), float(dual_scale), _seed_arg(seed), float(p))
+    seed_ptr = isinstance(seed, torch.Tensor)
+    key = ("shrink", m, k, r, device, x.dtype, w.dtype, adapter_dtype, p > 0.0, seed_ptr,
+           None if dual is None else (t.dtype, out.dtype),
+           torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        fn, grid_now, kwargs = plan
+        fn[grid_now](*args, **kwargs)
+        return s
+    meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), SEED_PTR=seed_ptr,
+                **lowrank_mode(x.dtype, adapter_dtype))
 
     def grid(meta):
         blocks_m = _cdiv(m, meta["BLOCK_M"])
         return (blocks_m, _splits(blocks_m, _cdiv(k, meta["BLOCK_K"]), device))
 
-    launch(lowrank_shrink_kernel, grid, ("shrink", m, k, r, device, tuple(meta.values()), _dtypes(x, w, t, out)),
-           args, meta)
+    launch(lowrank_shrink_kernel, grid, key, args, meta)
     return s
 
 
@@ -482,14 +497,21 @@ def reduce_rows(t: torch.Tensor, x: torch.Tensor, scale: float, adapter_dtype: t
     r = t.shape[1]
     device = x.device
     out = torch.zeros((r, k), device=device, dtype=torch.float32)
-    meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), SEED_PTR=isinstance(seed, torch.Tensor),
-                **lowrank_mode(x.dtype, adapter_dtype))
     args = (t, x, out, m, k, r, m_bucket(m), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
             out.stride(0), out.stride(1), float(scale), _seed_arg(seed), float(p))
+    seed_ptr = isinstance(seed, torch.Tensor)
+    key = ("reduce", m, k, r, device, t.dtype, x.dtype, adapter_dtype, p > 0.0, seed_ptr,
+           torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        fn, grid_now, kwargs = plan
+        fn[grid_now](*args, **kwargs)
+        return out
+    meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), SEED_PTR=seed_ptr, **lowrank_mode(x.dtype, adapter_dtype))
 
     def grid(meta):
         blocks_k = _cdiv(k, meta["BLOCK_K"])
         return (blocks_k, _splits(blocks_k, _cdiv(m, meta["BLOCK_M"]), device))
 
-    launch(lowrank_reduce_kernel, grid, ("reduce", m, k, r, device, tuple(meta.values()), _dtypes(t, x)), args, meta)
+    launch(lowrank_reduce_kernel, grid, key, args, meta)
     return out

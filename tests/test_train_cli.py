@@ -198,3 +198,49 @@ def test_interpret_lists_each_virtual_tokens_nearest_vocabulary(tmp_path, capsys
     capsys.readouterr()
     assert main(["interpret", str(prefix)]) == 2
     assert "fastpeft interpret:" in capsys.readouterr().err
+
+
+def test_adapter_data_trains_one_adapter_per_dataset_that_peft_loads(tmp_path, capsys):
+    """`--adapter-data NAME=DATA` twice: one run, two LoRA adapters in OUT/NAME, each loading in HF PEFT
+    with fastpeft's logits; each learned its own data (its eval loss on it is the lower one)."""
+    peft = pytest.importorskip("peft")
+    from fastpeft import PeftModel
+    from fastpeft.training import build_preset
+
+    rows = [json.loads(line) for line in open(cli_module.DEFAULT_DATA, encoding="utf-8")]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": "the red fox sat on the mat."}) + "\n" for _ in rows[:40]))
+    b.write_text("".join(json.dumps({"text": "one two three four five six."}) + "\n" for _ in rows[:40]))
+    out = tmp_path / "run"
+    assert _train(out, "--adapter-data", f"red={a}", "--adapter-data", f"count={b}", "--steps", "30",
+                  "--eval-fraction", "0.1", "--r", "4") == 0
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["adapters"] == ["red", "count"]
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    for name in ("red", "count"):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / name))
+        ours = PeftModel.from_pretrained(build_preset("tiny"), str(out / name)).eval()
+        theirs = peft.PeftModel.from_pretrained(build_preset("tiny"), str(out / name)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    red = load_tensors(str(out / "red"))
+    count = load_tensors(str(out / "count"))
+    assert red.keys() == count.keys() and any(not torch.equal(red[k], count[k]) for k in red)
+    assert main(["generate", "--adapter", str(out / "red"), "--prompt", "the red", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip().startswith("the red fox")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapter-data", "a=X"], "two or more"),
+    (["--adapter-data", "a=X", "--adapter-data", "a=Y"], "given twice"),
+    (["--adapter-data", "aX", "--adapter-data", "b=Y"], "expected NAME=DATA"),
+    (["--adapter-data", "a=X", "--adapter-data", "b=Y", "--method", "ia3"], "not ia3"),
+    (["--adapter-data", "a=X", "--adapter-data", "b=Y", "--data", "X"], "not both"),
+    (["--adapter-data", "a=X", "--adapter-data", "b=missing.jsonl"], "b=missing.jsonl does not exist"),
+])
+def test_adapter_data_usage_errors(tmp_path, capsys, extra, message):
+    x = tmp_path / "x.jsonl"
+    x.write_text(json.dumps({"text": "hello"}) + "\n")
+    argv = [t.replace("X", str(x)).replace("Y", str(x)) if "missing" not in t else t for t in extra]
+    assert _train(tmp_path / "run", *argv) == 2
+    assert message in capsys.readouterr().err

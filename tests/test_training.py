@@ -253,6 +253,69 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
     assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"} <= set(os.listdir(ckpt))
 
 
+def _two_datasets():
+    recs = _records(48)
+    return {"left": recs[:24], "right": recs[24:]}
+
+
+def test_several_adapters_in_one_run_train_each_on_its_own_rows_and_resume(tmp_path):
+    """A dict of datasets trains one LoRA adapter per name in one run (mixed-adapter batches, one
+    optimizer): a row's loss reaches only its adapter (one step's gradient of each adapter equals the
+    gradient of its own rows alone); checkpoints hold every adapter and a killed run resumes to the
+    uninterrupted result bit for bit; the adapters are written to OUT/NAME."""
+    data = _two_datasets()
+    cfg = lambda: _lora(dropout=0.1, r=4)  # noqa: E731
+    probe = Trainer(build_preset("tiny"), TrainArgs(batch_size=8, progress=False), data, peft_config=cfg())
+    assert set(probe.adapter_names) == {"left", "right"}
+    trainable = {n for n, p in probe.model.named_parameters() if p.requires_grad}
+    assert any(".left." in n for n in trainable) and any(".right." in n for n in trainable)
+    examples = probe.train_examples[:3] + probe.train_examples[-3:]
+    assert [e.adapter for e in examples] == ["left"] * 3 + ["right"] * 3
+    model = probe.model.eval()  # dropout off: the gradients are deterministic
+
+    def grads(batch_examples):
+        model.zero_grad(set_to_none=True)
+        probe._forward_loss_sum(model, collate(batch_examples, probe.pad_id)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    mixed = grads(examples)
+    for side, rows in (("left", examples[:3]), ("right", examples[3:])):
+        alone = grads(rows)
+        assert alone and all(f".{side}." in n for n in alone), "a row's loss reached another adapter"
+        for n, g in alone.items():
+            torch.testing.assert_close(mixed[n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+    full = Trainer(build_preset("tiny"), _resume_args(tmp_path / "full"), data, peft_config=cfg())
+    full.train()
+    out = tmp_path / "killed"
+    first = Trainer(build_preset("tiny"), _resume_args(out), data, peft_config=cfg(), callbacks=[_kill_at(8)])
+    with pytest.raises(_Killed):
+        first.train()
+    resumed = Trainer(build_preset("tiny"), _resume_args(out, resume="latest"), data, peft_config=cfg())
+    resumed.train()
+    a, b = _adapter_tensors(full.model), _adapter_tensors(resumed.model)
+    assert a.keys() == b.keys() and any(".left." in n for n in a) and any(".right." in n for n in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for side in ("left", "right"):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / side))
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(find_checkpoint(str(out)) + "/"
+                                                                                      + side))
+
+
+def test_several_adapters_refused_where_they_cannot_work():
+    data = _two_datasets()
+    with pytest.raises(ValueError, match="needs LoRA"):
+        Trainer(build_preset("tiny"), TrainArgs(progress=False), data, peft_config=_ia3())
+    with pytest.raises(ValueError, match="same adapter names"):
+        Trainer(build_preset("tiny"), TrainArgs(progress=False), data, eval_dataset={"left": _records(4)},
+                peft_config=_lora())
+    with pytest.raises(ValueError, match="reserved"):
+        Trainer(build_preset("tiny"), TrainArgs(progress=False), {"default": _records(8)}, peft_config=_lora())
+    with pytest.raises(ValueError, match="cannot be used"):
+        Trainer(build_preset("tiny"), TrainArgs(progress=False), {"../x": _records(8)}, peft_config=_lora())
+
+
 def test_keep_checkpoints(tmp_path):
     train(build_preset("tiny"), _lora(), _records(32), max_steps=6, batch_size=4, save_every=2, keep_checkpoints=2,
           output_dir=str(tmp_path), progress=False)

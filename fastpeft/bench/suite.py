@@ -26,7 +26,7 @@ from .e2e import e2e_case
 from .layers import LAYER_CASES
 from .multi import multi_cases
 from .presets import Preset
-from .timing import measure, memory_allocated, release_memory
+from .timing import measure, measure_interleaved_cpu, memory_allocated, release_memory
 
 SCHEMA = "fastpeft-bench/1"
 CPU_NOTE = ("no GPU here: fastpeft's kernels need a CUDA GPU, so these are CPU reference figures "
@@ -188,8 +188,32 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
         kept = [(p, r) for p, r in zip(providers, records) if p in builders]
         providers, records = [p for p, _ in kept], [r for _, r in kept]
     # torch.compile last: on a CPU its compiled kernels leave OpenMP worker threads spinning, which
-    # slows whatever is timed next on the same cores (seen: 25.9 ms -> 564 ms for a 2-core IA3 step)
+    # slows whatever is timed next on the same cores (seen: 25.9 ms -> 564 ms for a 2-core IA3 step).
+    # On a CPU the eager columns are timed together, in interleaved rounds, once all are checked: a
+    # busy or drifting machine then slows each alike and their ratios hold (timed one after the
+    # other, the same case moved by ±10 % between columns).
+    interleave = s.device != "cuda" or not torch.cuda.is_available()
+    pending: list[tuple[str, dict, object]] = []
+
+    def time_pending() -> None:
+        if not pending:
+            return
+        try:
+            ms = measure_interleaved_cpu([runner.step for _, _, runner in pending], warmup=s.warmup,
+                                         repeats=s.repeats)
+            for (_, rec, _), m in zip(pending, ms):
+                _timed(rec, m, case)
+                progress.write(f"    {PROVIDER_NAMES.get(rec['provider'], rec['provider'])}: {m.median_ms:.3f} ms\n")
+        except Exception as exc:
+            for _, rec, _ in pending:
+                rec.update(status="error", error=compile_error(exc))
+        finally:
+            pending.clear()
+            release_memory(s.device)
+
     for provider, rec in sorted(zip(providers, records), key=lambda pair: pair[0] in COMPILED):
+        if provider in COMPILED:
+            time_pending()
         progress.start(case, provider)
         runner = None
         try:
@@ -220,11 +244,15 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
                 rec["status"] = "fail"
                 progress.end(f"CHECK FAILED: {check.detail}")
                 continue
+            if interleave and provider not in COMPILED:
+                pending.append((provider, rec, runner))
+                runner = None
+                progress.end("checked" + (f" ({check.status}, {check.max_rel_err:.1e})"
+                                           if check.max_rel_err is not None else "") + "; timed with the others")
+                continue
             m = measure(runner.step, warmup=s.warmup, repeats=s.repeats, device=s.device,
                         memory_baseline=baseline if case.kind == "e2e" else None)
-            rec.update(median_ms=m.median_ms, q20_ms=m.q20_ms, q80_ms=m.q80_ms, timer=m.timer,
-                       peak_mib=m.peak_mib, repeats=m.repeats,
-                       tokens_per_s=case.tokens / (m.median_ms / 1e3) if m.median_ms > 0 else None)
+            _timed(rec, m, case)
             progress.end(f"{m.median_ms:.3f} ms" + (f", check {check.status} ({check.max_rel_err:.1e})"
                                                      if check.max_rel_err is not None else ""))
         except (NotImplementedError, ImportError, NotAvailable) as exc:
@@ -239,10 +267,16 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
             if provider in COMPILED:
                 torch._dynamo.reset()  # compiled graphs hold on to the model and its activations' sizes
             release_memory(s.device)
+    time_pending()
     del builders
     release_memory(s.device)
     _ratios(records)
     return records
+
+
+def _timed(rec: dict, m, case: Case) -> None:
+    rec.update(median_ms=m.median_ms, q20_ms=m.q20_ms, q80_ms=m.q80_ms, timer=m.timer, peak_mib=m.peak_mib,
+               repeats=m.repeats, tokens_per_s=case.tokens / (m.median_ms / 1e3) if m.median_ms > 0 else None)
 
 
 def _ratios(records: list[dict]) -> None:

@@ -88,6 +88,37 @@ def _cpu_measure(fn: Callable[[], object], warmup: int, repeats: int) -> Measure
     return Measurement(q50, None, len(times), q20, q80, "torch.utils.benchmark", times)
 
 
+def measure_interleaved_cpu(fns: list[Callable[[], object]], *, warmup: int = 5, repeats: int = 20,
+                            min_run_time: float = 0.2) -> list[Measurement]:
+    """CPU: the medians of several functions timed side by side, in rounds that call each in turn (a
+    block of calls each), so that a busy or drifting machine slows all of them alike and their ratios
+    hold; each gets about `min_run_time` seconds over at least `repeats` rounds, as `measure` does."""
+    import time
+
+    for fn in fns:
+        for _ in range(max(1, warmup // 2)):
+            fn()
+    once = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        once.append(max(time.perf_counter() - t0, 1e-6))
+    calls = [max(1, int(0.01 / t)) for t in once]  # blocks of about 10 ms
+    rounds = max(repeats, int(min_run_time / max(c * t for c, t in zip(calls, once))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls[i]):
+                fn()
+            times[i].append((time.perf_counter() - t0) / calls[i] * 1e3)
+    out = []
+    for ts in times:
+        q20, q50, q80 = quantiles(ts)
+        out.append(Measurement(q50, None, len(ts), q20, q80, "interleaved rounds (time.perf_counter)", ts))
+    return out
+
+
 def measure(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 20, device: str = "cuda",
             memory_baseline: int | None = None) -> Measurement:
     """Median time of `fn()` with its 20 % and 80 % quantiles, and its peak memory (CUDA only).

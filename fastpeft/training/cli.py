@@ -6,6 +6,7 @@
     fastpeft train --method ia3 --model ./my-llama --data train.jsonl --out run1 --steps 500
     torchrun --nproc-per-node 8 -m fastpeft train --model bench --data d.jsonl --out run2   # DDP
     fastpeft train ... --out run1 --resume          # continue from the newest checkpoint in run1
+    fastpeft train --adapter-data math=m.jsonl --adapter-data code=c.jsonl --out run3   # run3/math, run3/code
     fastpeft generate --adapter run1 --prompt "3 + 4 ="
 
 Exit codes of `fastpeft train`: 0 done; 1 a failure while running (full disk, unwritable folder, the
@@ -143,6 +144,10 @@ def train_parser() -> argparse.ArgumentParser:
                    f"or a preset: {', '.join(PRESETS)} (random weights, the shipped byte-level tokenizer)")
     p.add_argument("--data", default=None, help="training data: a file, a datasets folder, or a cached dataset name "
                    "(default: the tiny dataset shipped with fastpeft, 10%% of it held out for eval)")
+    p.add_argument("--adapter-data", action="append", default=None, metavar="NAME=DATA",
+                   help="train several LoRA adapters in one run, one per dataset: repeat NAME=DATA (the same kinds "
+                   "as --data); batches mix the datasets and each example trains only its adapter (mixed-adapter "
+                   "batches); each adapter is written to OUT/NAME (instead of --data)")
     p.add_argument("--out", default="fastpeft-out", help="output folder: adapter, checkpoints (default: fastpeft-out)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
@@ -243,6 +248,11 @@ def _config_value(action: argparse.Action, key: str, value, path: str):
         return action.const
     if isinstance(value, (list, tuple)) and key.replace("-", "_") == "target_modules":
         value = ",".join(str(v) for v in value)
+    if isinstance(action, argparse._AppendAction):  # a list in the file (or one value) for a repeatable flag
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not items or any(isinstance(v, (dict, list, tuple, bool)) or v is None for v in items):
+            raise ConfigFileError(f"{where}: expected a list of values, got {value!r}")
+        return [action.type(str(v)) if action.type is not None else str(v) for v in items]
     if isinstance(value, (dict, list, tuple)) or isinstance(value, bool):
         raise ConfigFileError(f"{where}: expected a single value, got {value!r}")
     text = str(value)
@@ -341,6 +351,32 @@ def make_config(args: argparse.Namespace) -> PeftConfig:
     return PromptEncoderConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
+def adapter_datasets(entries: list[str]) -> dict[str, str]:
+    """--adapter-data NAME=DATA entries as {name: data}, in order; a name given twice, an entry without
+    '=' or a name that cannot be an adapter's folder name is a ValueError naming it."""
+    from ..peft_model import check_adapter_name
+
+    out: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter-data {entry!r}: expected NAME=DATA (an adapter name, '=', a data file, "
+                             f"folder or cached dataset name)")
+        if name in out:
+            raise ValueError(f"--adapter-data: adapter {name!r} is given twice")
+        if name in ("default", "__base__"):
+            raise ValueError(f"--adapter-data: adapter name {name!r} is reserved; name each adapter after its data")
+        try:
+            check_adapter_name(name)
+        except ValueError as err:
+            raise ValueError(f"--adapter-data: {err}") from None
+        out[name] = path
+    if len(out) < 2:
+        raise ValueError("--adapter-data trains several adapters: give two or more NAME=DATA (one adapter: --data)")
+    return out
+
+
 def _fail(prog: str, message: str, code: int = 2) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
@@ -367,6 +403,14 @@ def _clear_run(out: str) -> None:
     """--overwrite: delete the previous run's adapter, summaries and checkpoints (nothing else)."""
     from .checkpoints import CHECKPOINT_PREFIX
 
+    for name in _train_info(out).get("adapters") or []:  # a multi-adapter run's OUT/NAME folders
+        folder = os.path.join(out, os.path.basename(str(name)))
+        if os.path.isdir(folder):
+            for fname in RUN_FILES + ("README.md",):
+                if os.path.isfile(os.path.join(folder, fname)):
+                    os.remove(os.path.join(folder, fname))
+            if not os.listdir(folder):
+                os.rmdir(folder)
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if name.startswith(CHECKPOINT_PREFIX) and os.path.isdir(path):
@@ -436,9 +480,25 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
     data = args.data or DEFAULT_DATA
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(prog, f"--out {args.out} is a file, not a folder")
-    for flag, value in (("--data", data), ("--eval", args.eval_data)):
+    sources = [("--data", data), ("--eval", args.eval_data)]
+    if args.adapter_data:
+        try:
+            data = adapter_datasets(args.adapter_data)
+        except ValueError as err:
+            return _fail(prog, str(err))
+        if args.data:
+            return _fail(prog, "pass --data or --adapter-data, not both")
+        if args.method != "lora":
+            return _fail(prog, f"--adapter-data trains several LoRA adapters (mixed-adapter batches); not {args.method}")
+        if args.eval_data:
+            return _fail(prog, "--eval takes one dataset; with --adapter-data hold out a share of each with "
+                         "--eval-fraction")
+        if args.fsdp:
+            return _fail(prog, "--adapter-data does not work with --fsdp yet; train the adapters with DDP")
+        sources = [(f"--adapter-data {name}=", path) for name, path in data.items()]
+    for flag, value in sources:
         if value and not os.path.exists(value) and not looks_like_hub_name(value):
-            return _fail(prog, f"{flag} {value} does not exist")
+            return _fail(prog, f"{flag}{'' if flag.endswith('=') else ' '}{value} does not exist")
     if args.eval_data and args.eval_fraction:
         return _fail(prog, "pass --eval or --eval-fraction, not both")
     if args.gradient_checkpointing and args.method == "prefix":
@@ -470,9 +530,9 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         if dtype != "fp32" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             warnings.warn(f"--dtype {dtype} on the CPU is slow; fp32 is the usual choice there", stacklevel=1)
         lr = args.lr or (PRESET_LR[args.method] if args.model in PRESETS else DEFAULT_LR[args.method])
-        if args.data is None and args.steps is None and args.epochs is None:
+        if args.data is None and not args.adapter_data and args.steps is None and args.epochs is None:
             args.steps = DEFAULT_DATA_STEPS
-        if args.data is None and args.eval_data is None and args.eval_fraction is None:
+        if args.data is None and not args.adapter_data and args.eval_data is None and args.eval_fraction is None:
             args.eval_fraction = DEFAULT_EVAL_FRACTION
         if args.target_modules is None and args.model in PRESETS and args.method in ("lora", "ia3"):
             args.target_modules = "all-linear"
@@ -500,6 +560,8 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
         if trainer.rank == 0:
             info = {"model": args.model, "source": source, "method": args.method, "dtype": dtype, "seed": args.seed,
                     "seq_len": args.seq_len, "quantize": args.quantize, "fastpeft_version": __version__}
+            if args.adapter_data:
+                info["adapters"] = list(data)
             _write_json(os.path.join(args.out, INFO_NAME), info)
         start_eval = trainer.evaluate() if trainer.eval_examples and not args.resume else None
         if start_eval is not None and trainer.rank == 0 and not args.quiet:

@@ -34,6 +34,7 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    adapter: str | None = None  # multi-adapter training: the adapter this example trains
 
     @property
     def num_targets(self) -> int:
@@ -358,8 +359,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: input_ids (pad_id), attention_mask (0), labels (-100)."""
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest sequence: input_ids (pad_id), attention_mask (0), labels (-100); examples
+    tagged with an adapter (multi-adapter training) add `adapter_names`, one per row."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -369,4 +371,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.adapter is not None for e in examples):
+        batch["adapter_names"] = [e.adapter if e.adapter is not None else "__base__" for e in examples]
+    return batch

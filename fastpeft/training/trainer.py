@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import math
 import numbers
@@ -291,6 +292,8 @@ class Trainer:
 
         # the same seed on every rank: identical adapter initialisation
         torch.manual_seed(args.seed)
+        # {name: data}: one adapter per name, all trained in one run through mixed-adapter batches
+        self.adapter_names = _adapter_datasets(train_dataset, eval_dataset)
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("model is already a PeftModel; do not pass peft_config too")
@@ -298,7 +301,15 @@ class Trainer:
         else:
             if peft_config is None:
                 raise ValueError("pass a PeftModel, or a base model together with peft_config")
-            self.model = get_peft_model(model, peft_config)
+            if self.adapter_names:
+                first, *rest = self.adapter_names
+                self.model = get_peft_model(model, peft_config, adapter_name=first)
+                for name in rest:
+                    self.model.add_adapter(name, peft_config)
+            else:
+                self.model = get_peft_model(model, peft_config)
+        if self.adapter_names:
+            _train_adapters(self.model, self.adapter_names)
         if args.gradient_checkpointing and self.model.peft_type == PeftType.PREFIX_TUNING:
             raise ValueError("gradient checkpointing does not work with prefix tuning (the prefix is passed as "
                              "past key/values); turn one of them off")
@@ -314,14 +325,28 @@ class Trainer:
             self._shard()
 
         self.pad_id = self._pad_id()
-        self.train_examples: list[Example] = load_examples(train_dataset, self.tokenizer, args.max_seq_len,
-                                                           "train data")
-        if eval_dataset is not None:
-            self.eval_examples = load_examples(eval_dataset, self.tokenizer, args.max_seq_len, "eval data")
-        elif args.eval_fraction:
-            self.train_examples, self.eval_examples = split_eval(self.train_examples, args.eval_fraction, args.seed)
+        if self.adapter_names:
+            self.train_examples, self.eval_examples = [], []
+            for name in self.adapter_names:
+                train = _tagged(load_examples(train_dataset[name], self.tokenizer, args.max_seq_len,
+                                              f"train data of adapter {name!r}"), name)
+                held: list[Example] = []
+                if eval_dataset is not None:
+                    held = _tagged(load_examples(eval_dataset[name], self.tokenizer, args.max_seq_len,
+                                                 f"eval data of adapter {name!r}"), name)
+                elif args.eval_fraction:
+                    train, held = split_eval(train, args.eval_fraction, args.seed)
+                self.train_examples += train
+                self.eval_examples += held
         else:
-            self.eval_examples = []
+            self.train_examples = load_examples(train_dataset, self.tokenizer, args.max_seq_len, "train data")
+            if eval_dataset is not None:
+                self.eval_examples = load_examples(eval_dataset, self.tokenizer, args.max_seq_len, "eval data")
+            elif args.eval_fraction:
+                self.train_examples, self.eval_examples = split_eval(self.train_examples, args.eval_fraction,
+                                                                     args.seed)
+            else:
+                self.eval_examples = []
         self._check_vocab()
 
         self.global_batch = args.batch_size * args.grad_accum * self.world_size
@@ -348,6 +373,10 @@ class Trainer:
     def _shard(self) -> None:
         """fsdp=True: FSDP2 units per decoder layer and the root (see `.fsdp`); one process: nothing to shard."""
         from . import fsdp
+
+        if self.adapter_names:
+            raise NotImplementedError("fsdp=True with several adapters (a dict of datasets) is not implemented; "
+                                      "train them with DDP (fsdp=False)")
 
         if self.model.is_prompt_learning:
             raise ValueError(f"fsdp=True shards LoRA and IA3 models; {self.model.peft_type.value} keeps its "
@@ -415,7 +444,8 @@ class Trainer:
     def _forward_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ of token cross-entropies of the batch (the model returns their mean)."""
         n = int((batch["labels"][:, 1:] != -100).sum())
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = model(**batch)
         if n == 0:
@@ -905,8 +935,58 @@ class Trainer:
                   + (f"final loss {train_loss:.4f} | " if train_loss is not None else "")
                   + (f"eval loss {eval_loss:.4f} | " if eval_loss is not None else "")
                   + f"{what} {fmt_bytes(peak)}"
-                  + (f" | adapter saved to {args.output_dir}" if args.output_dir else ""))
+                  + (f" | adapter saved to {args.output_dir}" if args.output_dir and not self.adapter_names else "")
+                  + (f" | adapters saved to {', '.join(os.path.join(args.output_dir, n) for n in self.adapter_names)}"
+                     if args.output_dir and self.adapter_names else ""))
         return result
+
+
+def _adapter_datasets(train_dataset: Any, eval_dataset: Any) -> list[str]:
+    """The adapter names of a multi-adapter run (`train_dataset` a dict {name: data}), else []; checks that
+    the eval data, if any, is a dict with the same names."""
+    if not isinstance(train_dataset, dict):
+        if isinstance(eval_dataset, dict):
+            raise ValueError("eval_dataset is a dict of adapters' data but train_dataset is not; pass both as dicts "
+                             "{adapter name: data} to train several adapters")
+        return []
+    from ..peft_model import check_adapter_name
+
+    names = list(train_dataset)
+    if not names:
+        raise ValueError("train_dataset is an empty dict; give {adapter name: data} for each adapter to train")
+    for name in names:
+        check_adapter_name(name)
+        if name in ("default", "__base__"):
+            raise ValueError(f"adapter name {name!r} is reserved; name each adapter after its data")
+    if eval_dataset is not None:
+        if not isinstance(eval_dataset, dict) or set(eval_dataset) != set(names):
+            got = sorted(eval_dataset) if isinstance(eval_dataset, dict) else type(eval_dataset).__name__
+            raise ValueError(f"with one adapter per dataset, eval_dataset must be a dict with the same adapter names "
+                             f"{sorted(names)}, got {got}")
+    return names
+
+
+def _train_adapters(model: PeftModel, names: list[str]) -> None:
+    """Make the adapters `names` (LoRA: mixed-adapter batches route each row to its adapter) all trainable."""
+    if model.peft_type != PeftType.LORA:
+        raise ValueError(f"training several adapters in one run (a dict of datasets) needs LoRA, whose mixed-adapter "
+                         f"batches route each example to its adapter; this model is {model.peft_type.value}")
+    missing = [n for n in names if n not in model.peft_config]
+    if missing:
+        raise ValueError(f"the model has no adapter(s) {missing} for the datasets of that name; it holds "
+                         f"{sorted(model.peft_config)}")
+    from ..nn._base import AdapterLayer
+
+    model.set_adapter(names[0])  # the PeftModel's bookkeeping; the layers then train every named adapter
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            held = [n for n in names if n in getattr(module, module.adapter_layer_names[0])]
+            if held:
+                module.set_adapter(held)
+
+
+def _tagged(examples: list[Example], name: str) -> list[Example]:
+    return [dataclasses.replace(e, adapter=name) for e in examples]
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -127,7 +127,10 @@ def test_tiny_run_records_quantiles(tiny_run):
     timed = [c for c in doc["cases"] if c["status"] == "ok"]
     assert timed
     for c in timed:
-        assert c["timer"] == "torch.utils.benchmark" and c["repeats"] >= 1
+        # the CPU's eager columns side by side in interleaved rounds, compiled ones by torch's timer
+        want = ("torch.utils.benchmark" if c["provider"] in ("compile", "fastpeft_compile")
+                else "interleaved rounds (time.perf_counter)")
+        assert c["timer"] == want and c["repeats"] >= 1
         assert 0 < c["q20_ms"] <= c["median_ms"] <= c["q80_ms"], c
 
 
@@ -319,3 +322,21 @@ def test_mixed_adapter_rows_run_checked_beside_peft(tmp_path):
     mixed = next(c for c in ours if c["case"] == "multi/prefill 8")
     assert mixed["backend"]["grouped_lora"] == "torch"  # the grouped path really ran
     assert "mixed-adapter inference" in (tmp_path / "results.md").read_text()
+
+
+def test_interleaved_cpu_timer_gives_each_function_its_own_median():
+    import time
+
+    from fastpeft.bench.timing import measure_interleaved_cpu
+
+    def busy(seconds):
+        def fn():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return fn
+
+    a, b = measure_interleaved_cpu([busy(0.0004), busy(0.0012)], warmup=1, repeats=5, min_run_time=0.05)
+    assert a.repeats >= 5 and b.repeats == a.repeats
+    assert 0.35 < a.median_ms < 0.8 and 2.0 < b.median_ms / a.median_ms < 4.0, (a, b)
+    assert a.q20_ms <= a.median_ms <= a.q80_ms

@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -266,6 +267,8 @@ def run_case(case: Case, s: Settings, have_peft: bool, progress: _Progress) -> l
             del runner
             if provider in COMPILED:
                 torch._dynamo.reset()  # compiled graphs hold on to the model and its activations' sizes
+                if interleave:
+                    time.sleep(0.5)  # the compiled kernels' OpenMP threads stop spinning before the next timing
             release_memory(s.device)
     time_pending()
     del builders

@@ -340,3 +340,18 @@ def test_interleaved_cpu_timer_gives_each_function_its_own_median():
     assert a.repeats >= 5 and b.repeats == a.repeats
     assert 0.35 < a.median_ms < 0.8 and 2.0 < b.median_ms / a.median_ms < 4.0, (a, b)
     assert a.q20_ms <= a.median_ms <= a.q80_ms
+
+
+def test_qlora_rows_beside_peft_and_bitsandbytes(tmp_path):
+    """`--methods qlora`: a layer and a training-step row, LoRA on an NF4 base beside PEFT on bitsandbytes'
+    Linear4bit; fastpeft's outputs and gradients checked against PEFT's (the same NF4 codes) before timing."""
+    pytest.importorskip("bitsandbytes")
+    assert bench_main([*TINY, "--methods", "qlora", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    cases = {(c["case"], c["provider"]): c for c in doc["cases"]}
+    for case in ("layer/qlora/M64 64->64", "e2e/qlora"):
+        fast, ref = cases[(case, "fastpeft")], cases[(case, "peft")]
+        assert ref["status"] == "ok" and ref["median_ms"] > 0
+        assert fast["status"] == "ok" and fast["check"]["status"] == "pass" and fast["median_ms"] > 0
+        assert fast["backend"] == {"qlora_linear": "torch"}
+    assert "qlora/M64 64->64" in (tmp_path / "results.md").read_text()

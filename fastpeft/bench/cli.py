@@ -110,7 +110,7 @@ def estimate_seconds(settings, have_peft: bool) -> tuple[float, int, int]:
     seconds = 8.0  # imports and model building
     for case in cases:
         per = (1.0 if case.kind == "layer" else (4.0 if gpu else 2.0)) * max(scale, 0.4)
-        if case.kind == "multi":  # no compile columns
+        if case.kind == "multi" or case.method == "qlora":  # no compile columns
             seconds += columns * per
             continue
         seconds += columns * per

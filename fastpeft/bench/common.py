@@ -14,7 +14,8 @@ PROVIDERS = ("floor", "peft", "compile", "fastpeft", "fastpeft_compile")
 PROVIDER_NAMES = {"floor": "frozen", "peft": "PEFT", "compile": "compile(PEFT)", "fastpeft": "fastpeft",
                   "fastpeft_compile": "compile(fastpeft)"}
 COMPILED = ("compile", "fastpeft_compile")  # torch.compile'd providers: timed last, dynamo reset after each
-METHODS = ("lora", "ia3", "prefix", "prompt", "multi")  # multi: mixed-adapter LoRA inference (fastpeft/bench/multi.py)
+# multi: mixed-adapter LoRA inference (fastpeft/bench/multi.py); qlora: LoRA on an NF4 base beside PEFT + bitsandbytes
+METHODS = ("lora", "ia3", "prefix", "prompt", "qlora", "multi")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_NOISE = 0.05  # added to every adapter weight so that the adapters change the outputs
@@ -35,7 +36,7 @@ class Runner:
 class Case:
     id: str
     kind: str  # "layer" | "e2e" | "multi"
-    method: str  # "lora" | "ia3" | "prefix" | "prompt" | "multi"
+    method: str  # "lora" | "ia3" | "prefix" | "prompt" | "qlora" | "multi"
     description: str
     tokens: int
     ops: tuple[str, ...]

@@ -240,7 +240,8 @@ def write_plots(doc: dict, directory: str) -> list[str]:
             ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(cases))])
             ax.set_xticklabels([plain_label(c) for c in cases], fontsize=7, rotation=15)
             ax.set_title({"lora": "LoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
-                          "ptuning": "P-tuning", "multi": "mixed-adapter LoRA inference"}.get(method, method))
+                          "ptuning": "P-tuning", "qlora": "QLoRA (NF4 base)",
+                          "multi": "mixed-adapter LoRA inference"}.get(method, method))
             ax.set_ylabel(ylabel + (", log scale" if log else ""), fontsize=8)
             if log:
                 ax.set_yscale("log")

@@ -26,6 +26,7 @@ from .common import COMPILED, METHODS, PROVIDER_NAMES, Case, NotAvailable, compi
 from .e2e import e2e_case
 from .layers import LAYER_CASES
 from .multi import multi_cases
+from .qlora import qlora_e2e_case, qlora_layer_case
 from .presets import Preset
 from .timing import measure, measure_interleaved_cpu, memory_allocated, release_memory
 
@@ -68,8 +69,13 @@ def build_cases(s: Settings) -> list[Case]:
         for method in s.methods:
             if method in LAYER_CASES:
                 cases += LAYER_CASES[method](s.preset, s.dtype, s.device, s.quick)
+            elif method == "qlora":
+                cases.append(qlora_layer_case(s.preset, s.dtype, s.device))
     if s.e2e:
-        cases += [e2e_case(method, s.preset, s.dtype, s.device) for method in s.methods if method != "multi"]
+        cases += [e2e_case(method, s.preset, s.dtype, s.device) for method in s.methods
+                  if method not in ("multi", "qlora")]
+        if "qlora" in s.methods:
+            cases.append(qlora_e2e_case(s.preset, s.dtype, s.device))
         if "multi" in s.methods:
             cases += multi_cases(s.preset, s.dtype, s.device, s.quick)
     return cases

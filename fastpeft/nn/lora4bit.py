@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import backend
 from ..quant.linear import _use_triton, qlora_layer
 from ..quant.nf4 import quantize_4bit
 from .linear4bit import Linear4bit
@@ -26,6 +27,7 @@ class LoraLinear4bit(LoraLinear):
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self.lora_A:
             # one active adapter on the GPU: the fused NF4-prologue GEMM with the LoRA term in its epilogue
             name = self.active_adapters[0]
+            backend._LAST["qlora_linear"] = "triton"
             return qlora_layer(x, base.weight, base.quant_state, base.bias, base.compute_dtype,
                                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                                self._dropout_p(name), self.training)
@@ -34,6 +36,7 @@ class LoraLinear4bit(LoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        backend._LAST["qlora_linear"] = "torch"  # PEFT's sequence of ops on the 4-bit base's output
         for name in self._active():
             a, b = self.lora_A[name], self.lora_B[name]
             xa = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x

@@ -2,7 +2,7 @@
 adapter as one process on the same global batch (LoRA with dropout, IA3), each holding half the frozen
 weights; the adapter file is PEFT's and loads in HF PEFT; a rank killed mid-save leaves the previous
 checkpoint whole and the run resumes from it bit for bit (with activation checkpointing per layer).  `fastpeft train --fsdp` under torchrun gives
-the DDP run's adapter, and runs of the distributed CLI exit 0 one after another."""
+the DDP run's adapter, and twenty runs of the distributed CLI in a row exit 0."""
 
 import json
 import os
@@ -189,23 +189,29 @@ def _torchrun(out, *flags, timeout=180):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+RUNS_IN_A_ROW = 20
+
+
 def test_cli_fsdp_equals_ddp_and_runs_exit_zero(tmp_path):
-    """`torchrun --nproc-per-node 2 -m fastpeft train [--fsdp]`: the same adapter, and every run exits 0
-    (a rank leaving with its process group alive used to abort: "terminate called without an active
-    exception")."""
+    """`torchrun --nproc-per-node 2 -m fastpeft train [--fsdp]`, twenty runs in a row alternating DDP and
+    FSDP: the same adapter, and every run exits 0 (a rank leaving with its process group alive used to
+    abort: "terminate called without an active exception")."""
     from safetensors.torch import load_file
 
     outs = {}
-    for i, flags in enumerate([(), ("--fsdp",), ()]):
+    for i, flags in enumerate([(), ("--fsdp",)] * (RUNS_IN_A_ROW // 2)):
         out = tmp_path / f"run{i}"
         proc = _torchrun(out, *flags)
         assert proc.returncode == 0, f"run {i} {flags} exited {proc.returncode}: {proc.stderr[-3000:]}"
         assert "terminate called" not in proc.stderr
         outs.setdefault(flags, []).append(load_file(out / "adapter_model.safetensors"))
     ddp, fsdp = outs[()], outs[("--fsdp",)]
+    assert len(ddp) + len(fsdp) == RUNS_IN_A_ROW
     for key, value in ddp[0].items():
-        assert torch.equal(ddp[1][key], value), key
-        torch.testing.assert_close(fsdp[0][key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        for again in ddp[1:]:
+            assert torch.equal(again[key], value), key
+        for sharded in fsdp:
+            torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
 # ---------------------------------------------------------------------------- the memory plan

@@ -273,3 +273,114 @@ def test_lomo_tied_embeddings_update_once_per_step():
         sgd.step()
         sgd.zero_grad()
     _assert_params_close(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- fastpeft's Trainer / train CLI
+def _records(n=40):
+    import json
+
+    from fastpeft.training import DEFAULT_DATA
+
+    with open(DEFAULT_DATA, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh][:n]
+
+
+def _lora():
+    import fastpeft
+
+    return fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                               init_lora_weights="gaussian", task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_trainer_lomo_equals_sgd_under_the_same_schedule(clip):
+    """Trainer(optimizer="lomo"): 6 steps equal the same Trainer stepping torch.optim.SGD under its warm-up
+    schedule (and torch's norm clipping) within 1e-6; the hooks are gone after train()."""
+    from fastpeft.training import TrainArgs, Trainer, build_preset
+    from fastpeft.training.trainer import lr_lambda
+
+    def make(optimizer):
+        args = TrainArgs(max_steps=6, batch_size=4, learning_rate=0.05, warmup_steps=2, max_grad_norm=clip,
+                         optimizer=optimizer, progress=False, seed=3)
+        return Trainer(build_preset("tiny"), args, _records(), peft_config=_lora())
+
+    lomo = make("lomo")
+    lomo.train()
+    ref = make("adamw")
+    params = [p for p in ref.model.parameters() if p.requires_grad]
+    ref.optimizer = torch.optim.SGD(params, lr=0.05)
+    ref.scheduler = torch.optim.lr_scheduler.LambdaLR(ref.optimizer, lambda s: lr_lambda(s, 2, 6, 0.0))
+    ref.train()
+    ours = {n: p for n, p in lomo.model.named_parameters() if p.requires_grad}
+    theirs = {n: p for n, p in ref.model.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    moved = 0
+    start = {n: p for n, p in make("adamw").model.named_parameters() if p.requires_grad}
+    for n in ours:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        moved += not torch.equal(ours[n], start[n])
+    assert moved == len(ours)
+    ids = torch.randint(1, 200, (1, 6))
+    lomo.model(input_ids=ids, labels=ids).loss.backward()  # a plain backward now: gradients stay, nothing moves
+    assert all(p.grad is not None for p in ours.values())
+
+
+def test_trainer_adalomo_resumes_bit_exact(tmp_path):
+    from fastpeft.training import TrainArgs, Trainer, build_preset
+    from fastpeft.training.trainer import find_checkpoint
+
+    def args(out, **kw):
+        return TrainArgs(output_dir=str(out), max_steps=8, batch_size=4, learning_rate=0.05, warmup_steps=2,
+                         save_every=3, optimizer="adalomo", progress=False, seed=5, **kw)
+
+    full = Trainer(build_preset("tiny"), args(tmp_path / "full"), _records(), peft_config=_lora())
+    full.train()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step):
+        def cb(trainer, logs):
+            if logs["step"] == step:
+                raise Killed()
+        return cb
+
+    first = Trainer(build_preset("tiny"), args(tmp_path / "run"), _records(), peft_config=_lora(),
+                    callbacks=[kill_at(5)])
+    with pytest.raises(Killed):
+        first.train()
+    assert find_checkpoint(str(tmp_path / "run")).endswith("checkpoint-000003")
+    resumed = Trainer(build_preset("tiny"), args(tmp_path / "run", resume="latest"), _records(), peft_config=_lora())
+    resumed.train()
+    assert resumed.optimizer.step_num == full.optimizer.step_num == 8
+    a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_trainer_lomo_refuses_what_it_cannot_do():
+    from fastpeft.training import TrainArgs
+
+    with pytest.raises(ValueError, match="grad_accum=1"):
+        TrainArgs(optimizer="lomo", grad_accum=2)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        TrainArgs(optimizer="adalomo", mixed_precision="fp16")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainArgs(optimizer="sgd")
+
+
+@pytest.mark.parametrize("optimizer", ["lomo", "adalomo"])
+def test_train_cli_optimizer_flag(tmp_path, capsys, optimizer):
+    from fastpeft.training.cli import train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--optimizer", optimizer, "--steps", "30", "--lr", "0.05", "--out", str(out),
+                       "--log-every", "1000"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "at the start ->" in line)
+    start, end = float(line.split(" at the start")[0].split()[-1]), float(line.split("-> ")[1].split()[0])
+    assert end < start, line
+    assert (out / "adapter_model.safetensors").is_file()
+    assert train_main(["--optimizer", optimizer, "--grad-accum", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "grad_accum=1" in capsys.readouterr().err

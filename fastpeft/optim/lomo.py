@@ -203,11 +203,35 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         for _, p in self._named:
             p.grad = None
 
+    def state_dict(self) -> dict:
+        """torch.optim's state dict plus the step counter and the loss-scaling state (a resumed AdaLomo
+        continues its β2 schedule, a resumed dynamic scale its value): plain numbers."""
+        out = super().state_dict()
+        out["fused_backward"] = {"step_num": self.step_num, "loss_scale": self.loss_scale,
+                                 "clean_steps": self._clean_steps, "skipped_steps": self.skipped_steps}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("fused_backward", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.step_num = int(extra["step_num"])
+            self.loss_scale = None if extra["loss_scale"] is None else float(extra["loss_scale"])
+            self._clean_steps = int(extra["clean_steps"])
+            self.skipped_steps = int(extra["skipped_steps"])
+        self.lr = float(self.param_groups[0]["lr"])
+
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (plain loss.backward() works again)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def attach(self) -> None:
+        """Hook the parameters again after `remove_hooks` (a no-op while attached)."""
+        if not self._handles:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook) for _, p in self._named]
 
 
 class LoMo(_FusedBackwardOptimizer):

@@ -157,7 +157,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="peak learning rate (default: on presets " +
                    ", ".join(f"{m} {lr}" for m, lr in PRESET_LR.items()) + "; else " +
                    ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items()) + ")")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="weight decay")
+    p.add_argument("--optimizer", choices=("adamw", "lomo", "adalomo"), default="adamw",
+                   help="adamw, or LoMo / AdaLomo: each parameter updated during the backward as soon as its "
+                   "gradient is complete (at most one gradient alive; one process, --grad-accum 1, fp32 or bf16)")
     p.add_argument("--warmup-steps", type=_non_negative_int, default=None,
                    help="linear warm-up steps (default: 5%% of the steps)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process")
@@ -543,7 +546,7 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
                 model = _quantize(model, args.quantize, DTYPES[dtype], args.gradient_checkpointing)
             targs = TrainArgs(
                 output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,
-                grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr,
+                grad_accum=args.grad_accum, max_seq_len=args.seq_len, learning_rate=lr, optimizer=args.optimizer,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                 max_grad_norm=args.max_grad_norm or None, mixed_precision="no" if dtype == "fp32" else dtype,
                 gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, eval_every=args.eval_every,

@@ -73,6 +73,9 @@ __all__ = ["TrainArgs", "TrainResult", "Trainer", "train", "find_checkpoint", "l
 _AUTOCAST = {"no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+OPTIMIZERS = ("adamw", "lomo", "adalomo")
+
+
 @dataclass
 class TrainArgs:
     """Options of `train` / `Trainer` (the CLI flags of `fastpeft train` map onto these)."""
@@ -86,6 +89,7 @@ class TrainArgs:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"               # "adamw" | "lomo" | "adalomo" (the update fused into the backward)
     warmup_steps: int | None = None        # None: warmup_ratio × total steps
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0              # cosine decays to learning_rate × min_lr_ratio
@@ -127,6 +131,20 @@ class TrainArgs:
         if self.eval_fraction is not None and (not _finite(self.eval_fraction) or not 0.0 < self.eval_fraction < 1.0):
             raise ValueError(f"eval_fraction must be in (0, 1) or None, got {self.eval_fraction}")
         self.betas = tuple(self.betas)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer != "adamw":
+            # the update runs in the backward, one parameter at a time: nothing to accumulate or all-reduce first
+            if self.grad_accum != 1:
+                raise ValueError(f"optimizer={self.optimizer!r} updates each parameter during the backward, so it "
+                                 f"cannot accumulate gradients over micro-batches: use grad_accum=1 (got "
+                                 f"{self.grad_accum})")
+            if self.fsdp:
+                raise ValueError(f"optimizer={self.optimizer!r} does not work with fsdp=True (sharded gradients are "
+                                 "reduced after the backward, LoMo updates during it)")
+            if self.mixed_precision == "fp16":
+                raise ValueError(f"optimizer={self.optimizer!r} trains in fp32 or bf16 (mixed_precision 'no' or "
+                                 "'bf16')")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ValueError("fsdp_cpu_offload needs fsdp=True")
         if self.fsdp and self.mixed_precision == "fp16":
@@ -360,8 +378,20 @@ class Trainer:
         self.warmup_steps = min(warmup, self.total_steps)
 
         params = list(_trainable(self.model).values())
-        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.betas,
-                                           weight_decay=args.weight_decay)
+        self.fused_optimizer = args.optimizer != "adamw"
+        if self.fused_optimizer:  # LoMo / AdaLomo: each parameter updated in the backward (fastpeft.optim)
+            if self.world_size > 1:
+                raise ValueError(f"optimizer={args.optimizer!r} runs in one process: its update happens during the "
+                                 "backward, before DDP could all-reduce the gradients")
+            from ..optim import AdaLomo, LoMo
+
+            cls = LoMo if args.optimizer == "lomo" else AdaLomo
+            self.optimizer = cls(self.model, lr=args.learning_rate, clip_grad_norm=args.max_grad_norm or None,
+                                 weight_decay=args.weight_decay)
+            self.optimizer.remove_hooks()  # attached while train() runs
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.betas,
+                                               weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, self.warmup_steps, self.total_steps, args.min_lr_ratio))
         self.autocast_dtype = _AUTOCAST[args.mixed_precision]
@@ -451,6 +481,21 @@ class Trainer:
         if n == 0:
             return out.logits.float().sum() * 0.0
         return out.loss.float() * n
+
+    def _fused_step(self, model: nn.Module, batch: dict[str, Any], n_targets: int, step_loss: torch.Tensor) -> None:
+        """One LoMo / AdaLomo step on one micro-batch: the loss checked before anything changes, the norm pass
+        when clipping, then the update pass at the scheduler's learning rate."""
+        loss = self._forward_loss_sum(model, batch) / n_targets
+        step_loss += loss.detach()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self._non_finite(f"the loss is {value}", self.global_step + 1)
+        opt = self.optimizer
+        if opt.clip_grad_norm is not None:
+            norm = float(opt.grad_norm(loss))
+            if not math.isfinite(norm):
+                self._non_finite(f"the gradient norm is {norm}", self.global_step + 1)
+        opt.fused_backward(loss, opt.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ state
     def _check_finite_weights(self, what: str, step: int) -> None:
@@ -770,6 +815,15 @@ class Trainer:
             release_run_lock(lock)
 
     def _train(self, guard: PreemptionGuard) -> TrainResult:
+        if self.fused_optimizer:  # LoMo's hooks live only while this trainer trains: a later backward is plain
+            self.optimizer.attach()
+            try:
+                return self._train_loop(guard)
+            finally:
+                self.optimizer.remove_hooks()
+        return self._train_loop(guard)
+
+    def _train_loop(self, guard: PreemptionGuard) -> TrainResult:
         args = self.args
         if args.resume:
             self._resume()
@@ -829,6 +883,9 @@ class Trainer:
                         ctx = contextlib.nullcontext()
                     else:
                         ctx = model.no_sync() if d and not last else contextlib.nullcontext()
+                    if self.fused_optimizer:  # LoMo / AdaLomo: the step happens in these backward passes
+                        self._fused_step(model, batch, n_targets, step_loss)
+                        continue
                     with ctx:
                         loss = self._forward_loss_sum(model, batch) / n_targets
                         step_loss += loss.detach()
@@ -843,7 +900,7 @@ class Trainer:
                     self._non_finite(f"the loss is {loss_value}", self.global_step + 1)
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
-                if args.max_grad_norm:
+                if args.max_grad_norm and not self.fused_optimizer:
                     params = list(_trainable(self.model).values())
                     if self.fsdp:
                         from .fsdp import clip_grad_norm

@@ -28,7 +28,7 @@ def _start_end(err: str) -> tuple[float, float]:
     return float(head.split()[-1]), float(tail.split()[0])
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ptuning"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ptuning", "bottleneck"])
 def test_default_run_of_each_method_lowers_the_eval_loss(method, tmp_path, capsys):
     """`fastpeft train --method M --model tiny` as it is (200 steps, 10 % of the shipped data held out):
     the eval loss printed at the end is clearly below the one printed before the first step."""

@@ -30,16 +30,17 @@ import warnings
 import torch
 
 from .. import __version__
-from ..config import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from ..config import (BottleneckConfig, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig)
 from .data import DEFAULT_DATA, DataError
 from .models import DTYPES, PRESETS, load_model
 
 INFO_NAME = "train_info.json"
-METHODS = ("lora", "ia3", "prefix", "prompt", "ptuning")
+METHODS = ("lora", "ia3", "prefix", "prompt", "ptuning", "bottleneck")
 # learning rates that suit pretrained models; the random-weight presets take 1e-2
-DEFAULT_LR = {"lora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-3}
+DEFAULT_LR = {"lora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-3, "bottleneck": 1e-4}
 # the random-weight presets: chosen so that each method's default run lowers the eval loss clearly
-PRESET_LR = {"lora": 1e-2, "ia3": 3e-1, "prefix": 3e-2, "prompt": 3e-1, "ptuning": 1e-2}
+PRESET_LR = {"lora": 1e-2, "ia3": 3e-1, "prefix": 3e-2, "prompt": 3e-1, "ptuning": 1e-2, "bottleneck": 1e-2}
 DEFAULT_DATA_STEPS = 200
 DEFAULT_EVAL_FRACTION = 0.1  # of the shipped data, when no --eval / --eval-fraction is given
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -173,6 +174,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module names, or all-linear (default: PEFT's defaults for the model; "
                    "all-linear for LoRA and IA3 on a preset)")
+    p.add_argument("--reduction-factor", type=_positive_int, default=16,
+                   help="bottleneck adapters: hidden size / bottleneck size")
     p.add_argument("--num-virtual-tokens", type=_positive_int, default=20, help="prefix / prompt / P-tuning tokens")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="base weights and autocast dtype; adapters stay fp32 (auto: bf16 on CUDA, else fp32)")
@@ -351,6 +354,8 @@ def make_config(args: argparse.Namespace) -> PeftConfig:
         return PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
     if args.method == "prompt":
         return PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
+    if args.method == "bottleneck":  # AdapterHub's Pfeiffer placement: after each feed-forward block
+        return BottleneckConfig(reduction_factor=args.reduction_factor, task_type="CAUSAL_LM")
     return PromptEncoderConfig(num_virtual_tokens=args.num_virtual_tokens, task_type="CAUSAL_LM")
 
 

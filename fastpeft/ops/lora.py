@@ -420,6 +420,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _lora_linear_slow(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, p, seed)
     impl = _plan(x, weight, bias, lora_A, lora_B, dropout_p, p)
+    if impl is _TRITON and not functorch_active():  # the kernels' lean node: launch wrappers called directly
+        token = rng_token(impl, p, seed, x.device)[0] if p > 0.0 else 0
+        return _kernel_apply(x, weight, bias, lora_A, lora_B, float(scaling), p, token)
     cfg = (float(scaling), p, seed, impl)
     if functorch_active():
         return LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, cfg)
@@ -566,3 +569,39 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
 
 backend.register(OP, "triton", priority=10, supports=_triton_supports, forward=_triton_forward,
                  backward=_triton_backward)
+_TRITON = backend._REGISTRY[OP]["triton"]
+_KERNELS: list = []  # [lora_forward, lora_backward] of kernels/lora.py, imported at the first kernel call
+
+
+class _KernelLoraFn(torch.autograd.Function):
+    """The Triton path in one node with the least Python between autograd and the launch wrappers:
+    LoraLinearFn's kernel branch without the backend indirection.  Saves x, S and the seed (no mask)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        if not _KERNELS:
+            from ..kernels.lora import lora_backward, lora_forward
+
+            _KERNELS[:] = [lora_forward, lora_backward]
+        shape = x.shape
+        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
+        y, s = _KERNELS[0](x2, weight, bias, lora_A, lora_B, scaling, p, seed)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
+        ctx.cfg = (scaling, p, seed, shape, bias is not None)
+        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        scaling, p, seed, shape, has_bias = ctx.cfg
+        dy2 = (dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])).contiguous()
+        dx, d_a, d_b = _KERNELS[1](dy2, x, weight, lora_A, lora_B, s, scaling, p, seed)
+        needs = ctx.needs_input_grad
+        d_w = (dy2.t() @ x).to(weight.dtype) if needs[1] else None
+        d_bias = dy2.sum(0) if has_bias and needs[2] else None
+        if len(shape) != 2:
+            dx = dx.view(shape)
+        return dx, d_w, d_bias, d_a, d_b, None, None, None
+
+
+_kernel_apply = raw_apply(_KernelLoraFn)

@@ -16,6 +16,7 @@ from .auto import AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForSeque
 from .training import Trainer, train
 from .quant import prepare_model_for_kbit_training, quantize
 from . import optim
+from .ensemble import Ensemble, ensemble
 
 __all__ = [
     "LoraConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PeftConfig",
@@ -24,5 +25,5 @@ __all__ = [
     "set_backend", "get_backend", "use_backend", "info", "train", "Trainer",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "AutoPeftModel", "AutoPeftModelForCausalLM",
     "AutoPeftModelForSequenceClassification", "quantize", "prepare_model_for_kbit_training",
-    "BottleneckConfig", "optim", "PeftModelForSeq2SeqLM",
+    "BottleneckConfig", "optim", "PeftModelForSeq2SeqLM", "ensemble", "Ensemble",
 ]

@@ -9,6 +9,7 @@ USAGE = """usage: fastpeft <command> [options]
 commands:
   train      fine-tune a model with LoRA, IA3, prefix tuning, prompt tuning or P-tuning, and save the adapter
   generate   generate text with a base model and a saved adapter
+  eval       evaluate saved adapters on a dataset (loss, or label accuracy; --ensemble: several adapters as one)
   interpret  list each virtual token of a prompt-tuning / P-tuning adapter's nearest vocabulary tokens
   bench      time fastpeft against PEFT (eager and torch.compile) per layer and per training step
   info       say which backends (torch, triton, cuda) can run on this machine, and why not
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from .training.cli import generate_main as run
     elif command == "interpret":
         from .training.cli import interpret_main as run
+    elif command == "eval":
+        from .training.cli import eval_main as run
     elif command == "info":
         from .info import main as run
     else:

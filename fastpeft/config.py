@@ -49,6 +49,7 @@ class PromptTuningInit(str, enum.Enum):
 class PromptEncoderReparameterizationType(str, enum.Enum):
     MLP = "MLP"
     LSTM = "LSTM"
+    PAPER_LSTM = "PAPER_LSTM"  # fastpeft only: the P-tuning paper's encoder (THUDM/P-tuning), not PEFT's
 
 
 # PEFT fields fastpeft does not implement, with the values that leave them inert.
@@ -447,7 +448,8 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_dropout: float = 0.0
 
     _checks: ClassVar[dict[str, Check]] = {
-        "encoder_reparameterization_type": _choice("MLP", "LSTM"), "encoder_hidden_size": _optional(_positive_int),
+        "encoder_reparameterization_type": _choice("MLP", "LSTM", "PAPER_LSTM"),
+        "encoder_hidden_size": _optional(_positive_int),
         "encoder_num_layers": _positive_int, "encoder_dropout": _probability,
     }
 

@@ -159,3 +159,50 @@ def test_nearest_tokens_refusals():
     seq2seq = fastpeft.get_peft_model(tiny_t5(seed=0), fastpeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
                                                                                    num_virtual_tokens=3))
     assert len(seq2seq.nearest_tokens(k=2)) == 3  # the encoder's rows (PEFT's table holds 2 × 3)
+
+
+def test_paper_ptuning_encoder_has_the_papers_shapes_and_math(tmp_path):
+    """encoder_reparameterization_type='PAPER_LSTM': the encoder of the P-tuning paper's code (THUDM/P-tuning
+    PromptEncoder: a 2-layer bidirectional LSTM of hidden // 2 units a direction, then Linear(hidden, hidden),
+    ReLU, Linear(hidden, hidden)); the same parameter shapes and, with its weights, the same prompt table;
+    it trains and survives save/load."""
+    cfg = fastpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
+                                       encoder_reparameterization_type="PAPER_LSTM")
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), cfg)
+    enc = model.prompt_encoder["default"]
+    hidden = model.base_model.config.hidden_size
+    # the paper's modules, as its code builds them
+    lstm = torch.nn.LSTM(input_size=hidden, hidden_size=hidden // 2, num_layers=2, dropout=0.0, bidirectional=True,
+                         batch_first=True)
+    mlp = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden))
+    ours_shapes = {k: tuple(v.shape) for k, v in enc.lstm_head.state_dict().items()}
+    assert ours_shapes == {k: tuple(v.shape) for k, v in lstm.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in enc.mlp_head.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in mlp.state_dict().items()}
+    lstm.load_state_dict(enc.lstm_head.state_dict())
+    mlp.load_state_dict(enc.mlp_head.state_dict())
+    with torch.no_grad():
+        paper = mlp(lstm(enc.embedding.weight.unsqueeze(0))[0]).squeeze(0)  # the paper's forward()
+        torch.testing.assert_close(enc.table(), paper)
+    ids = torch.randint(1, 97, (2, 6))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["encoder_reparameterization_type"] == "PAPER_LSTM"
+    back = fastpeft.PeftModel.from_pretrained(tiny_llama(seed=0), str(tmp_path)).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    from fastpeft.prompt_learning.encoders import PromptEncoder
+
+    with pytest.raises(ValueError, match="even token_dim"):
+        PromptEncoder(fastpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, token_dim=33,
+                                                   num_transformer_submodules=1,
+                                                   encoder_reparameterization_type="PAPER_LSTM"))

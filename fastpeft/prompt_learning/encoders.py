@@ -88,6 +88,17 @@ class PromptEncoder(nn.Module):
                                   dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
                                           nn.Linear(2 * hidden, token_dim))
+        elif self.encoder_type == "PAPER_LSTM":
+            # the paper's encoder (Liu et al. 2021, THUDM/P-tuning PromptEncoder): a bidirectional LSTM of
+            # token_dim // 2 units a direction (its output is token_dim wide again), then token_dim -> token_dim
+            # -> token_dim; encoder_hidden_size does not apply
+            if token_dim % 2:
+                raise ValueError(f"encoder_reparameterization_type='PAPER_LSTM' needs an even token_dim (the LSTM "
+                                 f"has token_dim // 2 units a direction), got {token_dim}")
+            self.lstm_head = LSTM(input_size=token_dim, hidden_size=token_dim // 2,
+                                  num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
+                                  bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(token_dim, token_dim), nn.ReLU(), nn.Linear(token_dim, token_dim))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                           nn.Linear(hidden, token_dim))
@@ -96,7 +107,7 @@ class PromptEncoder(nn.Module):
         x = self.embedding.weight
         if self.inference_mode:
             return x
-        if self.encoder_type == "LSTM":
+        if self.encoder_type in ("LSTM", "PAPER_LSTM"):
             return self.mlp_head(self.lstm_head(x.unsqueeze(0))[0])[0]
         return self.mlp_head(x)
 

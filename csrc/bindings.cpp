@@ -464,6 +464,46 @@ std::vector<int> parse_archs(const std::string& s) {
 
 // (count, None) or (0, "why no device is usable"), without raising: info() calls this on
 // machines with no GPU or no driver.
+// The torch path's dropout keep-mask on the CPU (host code, no GPU involved): out[i] = 1 when
+// mix(mix(i ^ s) ^ mix(s + K)) < threshold, else 0, for i < n (row-major over the (M, K) input); the
+// same bits as fastpeft.ops._random.hash_keep_reference (aten) and the compiled graph's fused ops.
+inline uint32_t hash_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  return x ^ (x >> 16);
+}
+
+template <typename T> void keep_loop(T* dst, int64_t n, uint32_t s, uint32_t salt, uint64_t t, T one) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t x = hash_mix(hash_mix(static_cast<uint32_t>(i) ^ s) ^ salt);
+    dst[i] = static_cast<uint64_t>(x) < t ? one : T(0);
+  }
+}
+
+// out_dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64, 4 uint8 (1.0 / 0.0, or 1 / 0)
+void dropout_keep(std::uintptr_t out, int out_dtype, int64_t n, int64_t seed, int64_t threshold) {
+  const Checker c{"dropout_keep"};
+  if (n < 0 || n >= (int64_t(1) << 31)) c.fail("n must be in [0, 2**31), got ", n);
+  if (out_dtype < 0 || out_dtype > 4)
+    c.fail("out_dtype ", out_dtype, " is not one of 0 (float32), 1 (float16), 2 (bfloat16), 3 (float64), 4 (uint8)");
+  if (threshold < 0 || threshold > (int64_t(1) << 32)) c.fail("threshold must be in [0, 2**32], got ", threshold);
+  if (n == 0) return;
+  static const size_t sizes[] = {4, 2, 2, 8, 1};
+  c.ptr(out, "out", sizes[out_dtype]);
+  const uint32_t s = static_cast<uint32_t>(seed) & 0x7FFFFFFFu;
+  const uint32_t salt = hash_mix(s + 0x3C6EF372u);
+  const uint64_t t = static_cast<uint64_t>(threshold);
+  switch (out_dtype) {
+    case 0: keep_loop(reinterpret_cast<uint32_t*>(out), n, s, salt, t, uint32_t(0x3F800000u)); break;
+    case 1: keep_loop(reinterpret_cast<uint16_t*>(out), n, s, salt, t, uint16_t(0x3C00u)); break;
+    case 2: keep_loop(reinterpret_cast<uint16_t*>(out), n, s, salt, t, uint16_t(0x3F80u)); break;
+    case 3: keep_loop(reinterpret_cast<uint64_t*>(out), n, s, salt, t, uint64_t(0x3FF0000000000000ull)); break;
+    default: keep_loop(reinterpret_cast<uint8_t*>(out), n, s, salt, t, uint8_t(1)); break;
+  }
+}
+
 py::tuple device_count() {
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
@@ -524,6 +564,8 @@ PYBIND11_MODULE(FASTPEFT_MODULE_NAME, m) {
         arg("stride_ar"), arg("stride_ak"), arg("stride_lg"), arg("stride_lr"), arg("stride_ln"), arg("stride_ym"),
         arg("stride_yn"), arg("stream"));
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
+  m.def("dropout_keep", &dropout_keep, "CPU: out[i] = 1 if hash(seed, i) < threshold else 0, i < n, in out_dtype",
+        arg("out"), arg("out_dtype"), arg("n"), arg("seed"), arg("threshold"));
 
   py::dict codes;
   codes["float32"] = int(kFloat32);

@@ -25,6 +25,22 @@ else:
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+_KEEP_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.uint8: 4}
+
+
+def dropout_keep(seed: int, m: int, k: int, threshold: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor | None:
+    """The torch path's (m, k) dropout keep-mask (1 kept, 0 dropped) in `dtype` on the CPU from fastpeft._C's
+    C++ loop (the bits of `fastpeft.ops._random.hash_keep_reference`), or None where _C is not built or
+    predates the function, or for a dtype it does not write."""
+    fn = getattr(_C, "dropout_keep", None) if _C is not None else None
+    code = _KEEP_CODES.get(dtype)
+    if fn is None or code is None:
+        return None
+    out = torch.empty((m, k), dtype=dtype)
+    fn(out.data_ptr(), code, m * k, seed, threshold)
+    return out
+
+
 def available() -> bool:
     """Whether fastpeft._C was built and imports here (a GPU may still be missing)."""
     return _C is not None

@@ -9,7 +9,7 @@ import torch
 import fastpeft
 from fastpeft.ops import ia3_linear, lora_linear, prefix_attention, soft_prompt_embed
 from fastpeft.ops import lora as lora_op
-from fastpeft.ops._random import dropout_keep, new_seed
+from fastpeft.ops._random import dropout_keep, hash_keep_reference, keep_threshold, new_seed
 from tests.utils import assert_close
 
 
@@ -18,10 +18,10 @@ def _grads(out, inputs, seed_grad):
 
 
 def _torch_keep(seed, shape, p):
-    """The production torch path's mask for an explicit seed: drawn from a generator seeded with it."""
+    """The production torch path's mask for an explicit seed: the hash of (seed, element index)."""
     if p == 0.0:
         return torch.ones(shape, dtype=torch.bool)
-    return lora_op.keep_mask(*shape, p, torch.Generator().manual_seed(seed), torch.device("cpu"), torch.float32).bool()
+    return hash_keep_reference(seed, *shape, p).bool()
 
 
 @pytest.mark.parametrize("M,K,N,r", [(1, 3, 5, 1), (7, 33, 17, 4), (16, 64, 48, 16)])
@@ -63,9 +63,9 @@ class _FixedMask(torch.nn.Module):
 
 
 def test_lora_torch_dropout_matches_peft_given_the_same_mask():
-    """With no seed the torch path draws a seed from the default generator and its mask from a
-    generator seeded with it; given that mask, output and gradients equal PEFT's layer (and
-    torch.manual_seed reproduces the draw)."""
+    """With no seed the torch path draws a seed from the default generator and its mask is that seed's
+    hash; given that mask, output and gradients equal PEFT's layer (and torch.manual_seed reproduces
+    the draw)."""
     import peft
 
     base = torch.nn.Sequential(torch.nn.Linear(24, 20))
@@ -80,8 +80,7 @@ def test_lora_torch_dropout_matches_peft_given_the_same_mask():
     theirs.train()
     x = torch.randn(2, 7, 24)
     torch.manual_seed(99)
-    gen = torch.Generator().manual_seed(new_seed())
-    keep = lora_op.keep_mask(14, 24, 0.3, gen, torch.device("cpu"), torch.float32)
+    keep = hash_keep_reference(new_seed(), 14, 24, 0.3).float()
     assert 0.5 < keep.mean().item() < 0.9 and set(keep.unique().tolist()) == {0.0, 1.0}
     theirs.base_model.model[0].lora_dropout["default"] = _FixedMask(keep.reshape(2, 7, 24) / 0.7)
     got = []
@@ -99,6 +98,32 @@ def test_lora_torch_dropout_matches_peft_given_the_same_mask():
     assert not torch.equal(first, ours(x))  # a fresh mask each call
     torch.manual_seed(99)
     assert torch.equal(first, ours(x))  # governed by torch.manual_seed
+
+
+def test_hash_keep_mask_rate_independence_and_c_extension():
+    """The torch path's dropout mask (a hash of seed and element index): the rate 1 - p, neighbours,
+    rows, and masks of different seeds independent; fastpeft._C's C++ loop gives the aten bits."""
+    from fastpeft import _cext
+
+    for p in (0.05, 0.5, 0.9):
+        keep = hash_keep_reference(1234, 257, 129, p).float()
+        assert keep.shape == (257, 129) and set(keep.unique().tolist()) <= {0.0, 1.0}
+        assert abs(keep.mean().item() - (1 - p)) < 0.01, p
+    a, b = hash_keep_reference(7, 128, 128, 0.5).float(), hash_keep_reference(8, 128, 128, 0.5).float()
+    assert abs((a * b).mean().item() - 0.25) < 0.02  # seeds 7 and 8: independent masks
+    assert abs((a[:, 1:] * a[:, :-1]).mean().item() - 0.25) < 0.02  # neighbours independent
+    assert abs((a[1:] * a[:-1]).mean().item() - 0.25) < 0.02  # rows independent
+    shifted = hash_keep_reference(7 ^ 1, 128, 128, 0.5).float().reshape(-1)
+    assert abs((a.reshape(-1) * shifted.roll(1)).mean().item() - 0.25) < 0.02  # no xor-shift copy of another seed
+    for seed, m, k, p in ((0, 1, 1, 0.3), (2**31 - 2, 7, 33, 0.05), (99, 64, 177, 0.5)):
+        for dtype in (torch.uint8, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            fast = _cext.dropout_keep(seed, m, k, keep_threshold(p), dtype)
+            if fast is None:
+                pytest.skip(f"fastpeft._C is not built: {_cext.why_unavailable()}")
+            assert fast.dtype == dtype and torch.equal(fast, hash_keep_reference(seed, m, k, p).to(dtype)), \
+                (seed, m, k, p, dtype)
+    with pytest.raises(ValueError, match="31 bits"):
+        lora_op.dropout_keep_mask(1, 2**16, 2**15, 0.1, torch.device("cpu"))
 
 
 def test_torch_keep_mask_rate_and_independence():

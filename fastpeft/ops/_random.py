@@ -55,3 +55,42 @@ def dropout_keep(seed: int, shape: tuple[int, ...], p: float, device: torch.devi
 def new_seed() -> int:
     """A fresh dropout seed drawn from torch's default CPU generator (so torch.manual_seed governs it)."""
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+# ---- the torch path's dropout: a counter-based hash of (seed, element index) --------------------------
+# keep(i) = mix(mix(i ^ s) ^ mix(s + K)) < round((1 - p)·2³²) with s the 31-bit seed and mix a 32-bit
+# avalanche (xorshift-multiply, lowbias32-style constants below 2³¹, so that every product fits in int64
+# and aten, inductor's generated code and the C++ in fastpeft._C compute the same bits).  A mask is a
+# pure function of (seed, shape): the backward re-draws it, a compiled graph draws the same one (its
+# pointwise ops fuse, and its backward recomputes it), and nothing but the seed is kept.
+HASH_C1, HASH_C2, HASH_K = 0x7FEB352D, 0x2C1B3C6D, 0x3C6EF372
+_M32 = 0xFFFFFFFF
+MAX_HASH_ELEMENTS = 2**31  # element indices must fit in 31 bits
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * HASH_C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * HASH_C2) & _M32
+    return x ^ (x >> 16)
+
+
+def keep_threshold(p: float) -> int:
+    """Hashes below this are kept: round((1 - p)·2³²) (p on a 2⁻³² grid)."""
+    return int(round((1.0 - p) * 2**32))
+
+
+def hash_keep_reference(seed: int | torch.Tensor, m: int, k: int, p: float,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (m, k) uint8 keep-mask (1 = kept) of `seed` in aten ops (a CPU int, or an int64 tensor whose
+    first element is the seed: traceable, no host read)."""
+    if m * k >= MAX_HASH_ELEMENTS:
+        raise ValueError(f"a dropout mask of {m} x {k} elements needs indices past 31 bits; split the batch")
+    idx = torch.arange(m * k, device=device, dtype=torch.int64).view(m, k)
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(-1)[:1].to(device=device, dtype=torch.int64) & 0x7FFFFFFF
+    else:
+        s = int(seed) & 0x7FFFFFFF
+    x = _mix(_mix(idx ^ s) ^ _mix(torch.as_tensor(s, dtype=torch.int64, device=device) + HASH_K))
+    return (x < keep_threshold(p)).to(torch.uint8)

@@ -7,12 +7,14 @@ the backward re-draws the mask.  Two ways of drawing it:
 
 * the kernels and the "torch_philox" reference (the kernels' specification): a counter-based
   Philox stream from an integer seed (`fastpeft.ops._random`), identical bit for bit;
-* the production "torch" path: torch's own generator (`keep_mask`: 16 random bits per element,
-  Bernoulli(1-p) with p on a 2⁻¹⁶ grid, several times cheaper on a CPU than `bernoulli_`), from
-  a generator of the op's own seeded with the call's seed, re-seeded to re-draw it in the backward.
+* the production "torch" path: a counter-based hash of (seed, element index) (`dropout_keep_mask`:
+  `fastpeft.ops._random`'s 32-bit mix, Bernoulli(1-p) with p on a 2⁻³² grid), computed by the C++
+  loop of fastpeft._C on a CPU (aten ops where _C is not built) and by aten ops a compiled graph
+  fuses; the backward computes it again from the seed.
 The seed is the call's `seed`, or one drawn from torch's default generator: torch.manual_seed
 governs it, gradient checkpointing (which restores the RNG state) re-draws the same mask, and a
-compiled graph draws the same seed as a tensor (no `.item()`): eager and compiled runs agree.
+compiled graph draws the same seed as a tensor (no `.item()`): eager and compiled runs agree bit for
+bit (the mask is a function of the seed, so even without inductor's `fallback_random`).
 
 Eager calls run one plain `torch.autograd.Function` that calls the chosen backend directly;
 the `torch.library` custom ops are what `torch.compile` traces.
@@ -25,10 +27,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .. import backend
+from .. import _cext, backend
 from ._common import (cast_for_autocast, check_float, check_projection, dense, functorch_active, gpu_kernel_supports,
                       raw_apply, traced_as_aten)
-from ._random import dropout_keep, new_seed
+from ._random import MAX_HASH_ELEMENTS, dropout_keep, hash_keep_reference, keep_threshold, new_seed
 
 OP = "lora_linear"
 
@@ -86,12 +88,13 @@ _SMALL_MASK = 2048  # elements: below this `bernoulli_` (exact p) is cheaper tha
 
 def keep_mask(m: int, k: int, p: float, gen: torch.Generator | None, device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
-    """The production path's (m, k) 0/1 dropout keep-mask in `dtype`: 16 random bits per element
-    (row-major) from torch's generator `gen` (None: the default one), kept when below (1-p)·2¹⁶,
-    i.e. Bernoulli(1-p) with p rounded to a multiple of 2⁻¹⁶.  Four elements per 64-bit draw:
-    several times cheaper on a CPU than `bernoulli_`, which matters because the backward draws the
+    """The mixed-adapter torch path's (m, k) 0/1 dropout keep-mask in `dtype` (fastpeft.ops.grouped_lora):
+    16 random bits per element (row-major) from torch's generator `gen` (None: the default one), kept when
+    below (1-p)·2¹⁶, i.e. Bernoulli(1-p) with p rounded to a multiple of 2⁻¹⁶.  Four elements per 64-bit
+    draw: several times cheaper on a CPU than `bernoulli_`, which matters because the backward draws the
     mask a second time instead of keeping it.  Masks of at most `_SMALL_MASK` elements are one
-    `bernoulli_(1-p)` draw instead (exact p), where a single op costs less than five."""
+    `bernoulli_(1-p)` draw instead (exact p), where a single op costs less than five.  (The single-adapter
+    path's mask is `dropout_keep_mask`, a hash of the seed.)"""
     n = m * k
     if n <= _SMALL_MASK:  # a small mask: one op beats five (per-op cost dominates at this size)
         return torch.empty((m, k), dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
@@ -107,11 +110,25 @@ def keep_mask(m: int, k: int, p: float, gen: torch.Generator | None, device: tor
     return torch.lt(r.view(m, k), thresh).to(dtype)
 
 
-def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen):
-    """(y, s) for a 2-D x with torch's fused primitives; dropout from `gen` (None: the default generator)."""
+def dropout_keep_mask(seed: int | torch.Tensor, m: int, k: int, p: float, device: torch.device,
+                      dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The torch path's (m, k) keep-mask of `seed` (1 kept, 0 dropped) in `dtype`: fastpeft._C's C++ loop
+    for an int seed on the CPU, else the same bits in aten ops (any device; a tensor seed stays there)."""
+    if m * k >= MAX_HASH_ELEMENTS:
+        raise ValueError(f"a dropout mask of {m} x {k} elements needs indices past 31 bits; split the batch")
+    if device.type == "cpu" and not isinstance(seed, torch.Tensor) and not torch.compiler.is_compiling():
+        out = _cext.dropout_keep(int(seed), m, k, keep_threshold(p), dtype)
+        if out is not None:
+            return out
+    keep = hash_keep_reference(seed, m, k, p, device)
+    return keep if dtype == torch.uint8 else keep.to(dtype)
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """(y, s) for a 2-D x with torch's fused primitives; dropout's mask from `seed` (`dropout_keep_mask`)."""
     xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if dropout_p > 0.0:
-        xd = keep_mask(xa.shape[0], xa.shape[1], dropout_p, gen, xa.device, xa.dtype).mul_(xa)
+        xd = dropout_keep_mask(seed, xa.shape[0], xa.shape[1], dropout_p, xa.device, xa.dtype).mul_(xa)
         s = torch.addmm(_zero(xd), xd, lora_A.t(), beta=0, alpha=1.0 / (1.0 - dropout_p))
     else:
         s = torch.mm(xa, lora_A.t())
@@ -123,8 +140,8 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen):
     return y, s
 
 
-def torch_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, gen, needs=(True, True, True)):
-    """(dx, dA, dB) for a 2-D x given dy and s; `gen` re-draws the forward's mask; `needs` says
+def torch_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs=(True, True, True)):
+    """(dx, dA, dB) for a 2-D x given dy and s; `seed` re-draws the forward's mask; `needs` says
     which of the three are wanted (the others come back None and cost nothing)."""
     need_x, need_a, need_b = needs
     dya = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
@@ -135,7 +152,7 @@ def torch_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, gen, ne
         d_b = torch.addmm(zero, dya.t(), s if s.dtype == dya.dtype else s.to(dya.dtype), beta=0, alpha=scaling)
     if dropout_p > 0.0:
         inv_q = 1.0 / (1.0 - dropout_p)
-        keep = keep_mask(dy.shape[0], lora_A.shape[1], dropout_p, gen, dy.device, lora_A.dtype)  # x may be unsaved
+        keep = dropout_keep_mask(seed, dy.shape[0], lora_A.shape[1], dropout_p, dy.device, lora_A.dtype)
         if need_x:  # dx = dy·W + (ds·A ∘ keep) / (1-p)
             dx = torch.mm(dy, weight)
             dxd = torch.mm(ds, lora_A)
@@ -161,42 +178,19 @@ backend.register(OP, "torch", priority=0, forward=torch_forward, backward=torch_
 
 
 # ----------------------------------------------------------------------------- dropout RNG
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    gen = _GENERATORS.get(device)
-    if gen is None:
-        gen = _GENERATORS[device] = torch.Generator(device)
-    return gen
-
-
 def rng_token(impl: backend.Impl, p: float, seed: int | None, device: torch.device):
-    """What the backward needs to re-draw the forward's dropout mask, and the generator the forward
-    draws from.  Always a seed (given, or drawn from torch's default generator, so torch.manual_seed
-    governs it and gradient checkpointing, which restores that generator, re-draws it): the Philox
-    backends take it as is (on a GPU as a device tensor: no host sync, replayable in a CUDA graph);
-    the torch path seeds a generator of its own with it.  The compiled path draws the same seed
-    inside the graph (`compiled_seed`), so eager and compiled runs draw the same masks."""
+    """(seed, None): what the backward needs to re-draw the forward's dropout mask.  Always a seed
+    (given, or drawn from torch's default generator, so torch.manual_seed governs it and gradient
+    checkpointing, which restores that generator, re-draws it); the kernels take a CUDA tensor one
+    (drawn on the device: no host sync, replayable in a CUDA graph).  The compiled path draws the
+    same seed inside the graph (`compiled_seed`), so eager and compiled runs draw the same masks."""
     if p <= 0.0:
         return 0, None
-    if impl.backend != "torch":
-        if seed is not None:
-            return int(seed), None
-        return (compiled_seed(device) if device.type == "cuda" else new_seed()), None
-    seed = new_seed() if seed is None else int(seed)
-    gen = _generator(device)
-    gen.manual_seed(seed)
-    return seed, gen
-
-
-def replay(impl: backend.Impl, p: float, token, device: torch.device):
-    """The rng argument for `impl`'s backward: the torch path's generator re-seeded, or the seed."""
-    if p <= 0.0 or impl.backend != "torch":
-        return token
-    gen = _generator(device)
-    gen.manual_seed(token)
-    return gen
+    if seed is not None:
+        return int(seed), None
+    if impl.backend != "torch" and device.type == "cuda":
+        return compiled_seed(device), None
+    return new_seed(), None
 
 
 def kernel_supports(x, weight, bias, lora_A, lora_B, *rest, forced: bool) -> str | None:
@@ -220,12 +214,9 @@ class LoraLinearFn(torch.autograd.Function):
         scaling, p, seed, impl = cfg
         shape = x.shape
         x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
-        if p > 0.0:
-            token, gen = rng_token(impl, p, seed, x.device)
-        else:
-            token, gen = 0, None
+        token = rng_token(impl, p, seed, x.device)[0] if p > 0.0 else 0
         torch_path = impl.backend == "torch"
-        y, s = impl.fns["forward"](x2, weight, bias, lora_A, lora_B, scaling, p, gen if torch_path else token)
+        y, s = impl.fns["forward"](x2, weight, bias, lora_A, lora_B, scaling, p, token)
         if torch_path:
             needs = ctx.needs_input_grad
             ctx.save_for_backward(x2 if (needs[3] or needs[1]) else None, weight, lora_A, lora_B,
@@ -241,7 +232,7 @@ class LoraLinearFn(torch.autograd.Function):
         impl, token, scaling, p, shape, has_bias, torch_path = ctx.cfg
         needs = ctx.needs_input_grad
         dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
-        rng = replay(impl, p, token, lora_A.device) if p > 0.0 else (None if torch_path else 0)
+        rng = token
         if torch_path:
             dx, d_a, d_b = impl.fns["backward"](dy2, x, weight, lora_A, lora_B, s, scaling, p, rng,
                                                 (needs[0], needs[3], needs[4]))
@@ -280,11 +271,11 @@ def _seed_value(seed: torch.Tensor | None):
 
 def _compiled_rng(impl, p, seed, device):
     if p <= 0.0:
-        return None if impl.backend == "torch" else 0
+        return 0
     value = _seed_value(seed)
-    if impl.backend == "triton":
-        return value
-    return replay(impl, p, int(value[0]) if isinstance(value, torch.Tensor) else value, device)
+    if impl.backend == "torch_philox" and isinstance(value, torch.Tensor):  # the reference takes an int
+        return int(value.reshape(-1)[0])
+    return value
 
 
 # Defined with torch.library's low-level API rather than `torch.library.custom_op`: a compiled graph calls
@@ -436,9 +427,8 @@ _CHECKED: set[tuple] = set()  # argument shapes the fast path has validated
 class _CpuLoraFn(torch.autograd.Function):
     """The CPU fast path in one node (`torch_forward` / `torch_backward` specialised to one dtype, no
     explicit seed, with their Python cut to the bone): scaling and 1/(1-p) ride in the GEMMs' alpha;
-    dropout draws its mask from a generator of its own seeded with a seed drawn from torch's default
-    one (as LoraLinearFn and the compiled op do: the same masks), and the backward re-draws it rather
-    than keeping it.  Saves x (for dA, or a trained W), S (for dB) and the frozen operands."""
+    dropout's mask is the hash of a seed drawn from torch's default generator (as LoraLinearFn and the
+    compiled graph do: the same masks), re-drawn in the backward rather than kept.  Saves x (for dA, or a trained W), S (for dB) and the frozen operands."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p):
@@ -447,8 +437,7 @@ class _CpuLoraFn(torch.autograd.Function):
         y = F.linear(x2, weight, bias)
         if p > 0.0:
             seed = new_seed()
-            _CPU_GEN.manual_seed(seed)
-            xd = keep_mask(x2.shape[0], x2.shape[1], p, _CPU_GEN, x2.device, x2.dtype).mul_(x2)
+            xd = dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device, x2.dtype).mul_(x2)
             s = torch.addmm(_zero(xd), xd, lora_A.t(), beta=0, alpha=1.0 / (1.0 - p))
             ctx.seed = seed
         else:
@@ -471,8 +460,7 @@ class _CpuLoraFn(torch.autograd.Function):
         dx = d_a = None
         if p > 0.0:
             inv_q = 1.0 / (1.0 - p)
-            _CPU_GEN.manual_seed(ctx.seed)
-            keep = keep_mask(dy2.shape[0], lora_A.shape[1], p, _CPU_GEN, dy2.device, dy2.dtype)
+            keep = dropout_keep_mask(ctx.seed, dy2.shape[0], lora_A.shape[1], p, dy2.device, dy2.dtype)
             if need_x:  # dx = dy·W + (ds·A ∘ keep) / (1-p)
                 dx = torch.mm(dy2, weight).addcmul_(torch.mm(ds, lora_A), keep, value=inv_q)
             if need_a:  # dA = dsᵀ·(x ∘ keep) / (1-p)
@@ -489,7 +477,6 @@ class _CpuLoraFn(torch.autograd.Function):
         return dx, d_w, d_bias, d_a, d_b, None, None
 
 
-_CPU_GEN = torch.Generator("cpu")
 _cpu_apply = raw_apply(_CpuLoraFn)
 
 
@@ -519,6 +506,14 @@ def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, se
     if p <= 0.0 and traced_as_aten(x):  # the CPU path without dropout: aten ops inductor fuses
         y = F.linear(x, weight, bias)
         return (y + ((x.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()) * scaling).to(y.dtype)
+    if traced_as_aten(x) and seed is None and x.dtype == lora_A.dtype == lora_B.dtype:
+        # the CPU path with dropout: the hash mask in aten ops inductor fuses, one traced autograd node that
+        # keeps x, S and the seed and recomputes the mask in its backward (as eager does: the same bits)
+        n, k = weight.shape
+        lead = x.shape[:-1]
+        y = _TracedDropoutLoraFn.apply(x.reshape(-1, k), weight, bias, lora_A, lora_B,
+                                       compiled_seed(x.device), scaling, p)
+        return y.reshape(*lead, n)
     if p <= 0.0:
         seed_t = None
     elif seed is None:
@@ -531,6 +526,38 @@ def _lora_linear_slow(x, weight, bias, lora_A, lora_B, scaling, dropout_p, p, se
     lead = x.shape[:-1]
     y, _ = _lora_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, seed_t)
     return y.reshape(*lead, n)
+
+
+class _TracedDropoutLoraFn(torch.autograd.Function):
+    """LoRA with dropout under torch.compile on CPU tensors: `torch_forward` / `torch_backward`'s math in
+    aten ops that dynamo traces (forward and backward), the mask the seed tensor's hash (no host read).
+    Saves x, the frozen operands, S and the seed: no mask, no dropped input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, p):
+        keep = hash_keep_reference(seed, x.shape[0], x.shape[1], p, x.device)
+        s = ((x * keep) @ lora_A.t()) * (1.0 / (1.0 - p))
+        y = F.linear(x, weight, bias) + (s @ lora_B.t()) * scaling
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
+        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        scaling, p = ctx.scaling, ctx.p
+        needs = ctx.needs_input_grad
+        inv_q = 1.0 / (1.0 - p)
+        # the mask recomputed from a copy of the seed: the same bits, but not the forward's expression, which
+        # the compiler's common-subexpression pass would otherwise merge with it and then keep for here
+        keep = hash_keep_reference(seed.clone(), x.shape[0], x.shape[1], p, x.device)
+        ds = (dy @ lora_B) * scaling
+        d_b = (dy.t() @ s) * scaling if needs[4] else None
+        d_a = (ds.t() @ (x * keep)) * inv_q if needs[3] else None
+        dx = dy @ weight + (ds @ lora_A) * keep * inv_q if needs[0] else None
+        d_w = dy.t() @ x if needs[1] else None
+        d_bias = dy.sum(0) if ctx.has_bias and needs[2] else None
+        return dx, d_w, d_bias, d_a, d_b, None, None, None
 
 
 # ----------------------------------------------------------------------------- triton backend

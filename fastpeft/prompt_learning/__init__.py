@@ -215,8 +215,11 @@ def forward(peft_model: nn.Module, input_ids: torch.Tensor | None = None, attent
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    # recomputation in the backward would run outside the prefix context, so it is refused (PEFT refuses too)
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    # recomputation in the backward would run outside the prefix context, so it is refused (PEFT refuses too).
+    # transformers' gradient_checkpointing_enable sets the flag on the instances; reading the instance dicts
+    # spares a getattr that fails through nn.Module.__getattr__ on every other module (~0.1 ms a step)
+    return any(m.__dict__.get("gradient_checkpointing") is True or type(m).__dict__.get("gradient_checkpointing") is True
+               for m in model.modules())
 
 
 def _device(input_ids, inputs_embeds) -> torch.device:

@@ -371,6 +371,17 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return t
 
 
+def _launch_planned(key: tuple, args: tuple) -> bool:
+    """Launch the kernel planned for `key` (the chosen compiled kernel, its grid and meta-parameters), if
+    there is a plan: the hot path of every later call, before any meta dict is built."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        return False
+    fn, grid_now, kwargs = plan
+    fn[grid_now](*args, **kwargs)
+    return True
+
+
 def launch(kernel, grid, key: tuple, args: tuple, meta: dict) -> None:
     """`kernel[grid](*args, **meta)` for an autotuned kernel, planned once per `key` (which must
     determine the autotuner's choice and the grid): the first call tunes, later calls launch the
@@ -437,10 +448,7 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
            None if out_scale is None else out_scale.dtype, None if lowrank is None else (s.dtype, l_t.dtype),
            (aux.dtype, grad_buf.dtype) if mode else None, None if pre is None else pre.dtype,
            torch.get_float32_matmul_precision() if torch.float32 in (a.dtype, adapter_dtype) else None)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        fn, grid_now, kwargs = plan
-        fn[grid_now](*args, **kwargs)
+    if _launch_planned(key, args):
         return c
     r_pad = rank_pad(r)
     meta = dict(HAS_BIAS=bias is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
@@ -474,10 +482,7 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
     key = ("shrink", m, k, r, device, x.dtype, w.dtype, adapter_dtype, p > 0.0, seed_ptr,
            None if dual is None else (t.dtype, out.dtype),
            torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        fn, grid_now, kwargs = plan
-        fn[grid_now](*args, **kwargs)
+    if _launch_planned(key, args):
         return s
     meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), SEED_PTR=seed_ptr,
                 **lowrank_mode(x.dtype, adapter_dtype))
@@ -502,10 +507,7 @@ def reduce_rows(t: torch.Tensor, x: torch.Tensor, scale: float, adapter_dtype: t
     seed_ptr = isinstance(seed, torch.Tensor)
     key = ("reduce", m, k, r, device, t.dtype, x.dtype, adapter_dtype, p > 0.0, seed_ptr,
            torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        fn, grid_now, kwargs = plan
-        fn[grid_now](*args, **kwargs)
+    if _launch_planned(key, args):
         return out
     meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), SEED_PTR=seed_ptr, **lowrank_mode(x.dtype, adapter_dtype))
 

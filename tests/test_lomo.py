@@ -333,21 +333,13 @@ def test_trainer_adalomo_resumes_bit_exact(tmp_path):
         return TrainArgs(output_dir=str(out), max_steps=8, batch_size=4, learning_rate=0.05, warmup_steps=2,
                          save_every=3, optimizer="adalomo", progress=False, seed=5, **kw)
 
+    from tests.test_training import _kill_at, _Killed
+
     full = Trainer(build_preset("tiny"), args(tmp_path / "full"), _records(), peft_config=_lora())
     full.train()
-
-    class Killed(Exception):
-        pass
-
-    def kill_at(step):
-        def cb(trainer, logs):
-            if logs["step"] == step:
-                raise Killed()
-        return cb
-
     first = Trainer(build_preset("tiny"), args(tmp_path / "run"), _records(), peft_config=_lora(),
-                    callbacks=[kill_at(5)])
-    with pytest.raises(Killed):
+                    callbacks=[_kill_at(5)])
+    with pytest.raises(_Killed):
         first.train()
     assert find_checkpoint(str(tmp_path / "run")).endswith("checkpoint-000003")
     resumed = Trainer(build_preset("tiny"), args(tmp_path / "run", resume="latest"), _records(), peft_config=_lora())

@@ -227,23 +227,30 @@ def _kill_at(step):
     return cb
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
-    """40 examples / global batch 8 = 5 steps per epoch: the run crosses two epoch boundaries; LoRA has
-    dropout, so the RNG stream must be restored too."""
-    data = _records(40)
-    config = (lambda: _lora(dropout=0.1)) if method == "lora" else _ia3
+def _killed_and_resumed(tmp_path, data, config):
+    """(an uninterrupted 12-step run, a run killed after step 8 and resumed from its newest checkpoint
+    (step 5: steps 6-8 are lost), the killed run's folder)."""
     full = Trainer(build_preset("tiny"), _resume_args(tmp_path / "full"), data, peft_config=config())
     full.train()
-
     out = tmp_path / "killed"
     first = Trainer(build_preset("tiny"), _resume_args(out), data, peft_config=config(), callbacks=[_kill_at(8)])
     with pytest.raises(_Killed):
         first.train()
     assert os.path.basename(find_checkpoint(str(out))) == "checkpoint-000005"  # steps 6-8 are lost
     resumed = Trainer(build_preset("tiny"), _resume_args(out, resume="latest"), data, peft_config=config())
-    result = resumed.train()
-    assert result.global_step == 12
+    resumed.train()
+    return full, resumed, out
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
+    """40 examples / global batch 8 = 5 steps per epoch: the run crosses two epoch boundaries; LoRA has
+    dropout, so the RNG stream must be restored too."""
+    data = _records(40)
+    config = (lambda: _lora(dropout=0.1)) if method == "lora" else _ia3
+    full, resumed, out = _killed_and_resumed(tmp_path, data, config)
+    assert os.path.basename(find_checkpoint(str(out))) == "checkpoint-000012"  # went on from step 5 to the end
+    assert resumed.global_step == 12
     a, b = _adapter_tensors(full.model), _adapter_tensors(resumed.model)
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -285,14 +292,7 @@ def test_several_adapters_in_one_run_train_each_on_its_own_rows_and_resume(tmp_p
         for n, g in alone.items():
             torch.testing.assert_close(mixed[n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
 
-    full = Trainer(build_preset("tiny"), _resume_args(tmp_path / "full"), data, peft_config=cfg())
-    full.train()
-    out = tmp_path / "killed"
-    first = Trainer(build_preset("tiny"), _resume_args(out), data, peft_config=cfg(), callbacks=[_kill_at(8)])
-    with pytest.raises(_Killed):
-        first.train()
-    resumed = Trainer(build_preset("tiny"), _resume_args(out, resume="latest"), data, peft_config=cfg())
-    resumed.train()
+    full, resumed, out = _killed_and_resumed(tmp_path, data, cfg)
     a, b = _adapter_tensors(full.model), _adapter_tensors(resumed.model)
     assert a.keys() == b.keys() and any(".left." in n for n in a) and any(".right." in n for n in a)
     for name in a:

@@ -54,6 +54,8 @@ def reference_embedding_backward(dout, input_ids, num_words, weight_dtype):
 
 backend.register(OP, "torch", priority=0, forward=reference_forward, backward=reference_backward,
                  embedding_backward=reference_embedding_backward)
+_TORCH_IMPL = backend._REGISTRY[OP]["torch"]
+_CHECKED: set[tuple] = set()  # argument shapes the CPU fast path has validated
 
 
 @torch.library.custom_op("fastpeft::soft_prompt_embed_fwd", mutates_args=())
@@ -198,10 +200,26 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
                                      None if prompt_index is None else prompt_index.long())
         return _sp_fwd(input_ids.long(), embedding_weight, prompt_table,
                        None if prompt_index is None else prompt_index.long())
-    key = (backend.get_backend(), input_ids.shape, input_ids.dtype, input_ids.device, embedding_weight.shape,
-           embedding_weight.dtype, embedding_weight.device, prompt_table.shape, prompt_table.dtype, prompt_table.device,
-           None if prompt_index is None else (prompt_index.shape, prompt_index.dtype, prompt_index.device))
-    impl = _PLANS.get(key)
+    if embedding_weight.is_cpu and backend.torch_or_auto():
+        # the CPU fast path: the torch backend (the only automatic choice here); the named checks once per set
+        # of shapes and dtypes
+        shapes = (input_ids.shape, input_ids.dtype, embedding_weight.shape, embedding_weight.dtype, prompt_table.shape,
+                  prompt_table.dtype, None if prompt_index is None else (prompt_index.shape, prompt_index.dtype),
+                  input_ids.is_cpu and prompt_table.is_cpu and (prompt_index is None or prompt_index.is_cpu))
+        if shapes not in _CHECKED:
+            _validate(input_ids, embedding_weight, prompt_table, prompt_index)
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED.add(shapes)
+        impl = _TORCH_IMPL
+        backend._LAST[OP] = "torch"
+        key = None
+    else:
+        key = (backend.get_backend(), input_ids.shape, input_ids.dtype, input_ids.device, embedding_weight.shape,
+               embedding_weight.dtype, embedding_weight.device, prompt_table.shape, prompt_table.dtype,
+               prompt_table.device, None if prompt_index is None else (prompt_index.shape, prompt_index.dtype,
+                                                                       prompt_index.device))
+        impl = _PLANS.get(key)
     if impl is None:
         _validate(input_ids, embedding_weight, prompt_table, prompt_index)
         ids = input_ids.long()

@@ -7,6 +7,16 @@ import torch
 from .. import backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FAST_DTYPES = frozenset(FLOAT_DTYPES)  # the CPU fast paths' test (`dtype in FAST_DTYPES`)
+
+
+def remember_checked(checked: set, shapes: tuple, validate) -> None:
+    """The CPU fast paths' slow step: `validate()` (raises, naming the problem) for a set of argument shapes
+    not seen before, then remember it (the set is bounded); callers test `shapes not in checked` first."""
+    validate()
+    if len(checked) > 4096:
+        checked.clear()
+    checked.add(shapes)
 
 
 def check(cond: bool, msg: str) -> None:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import (cast_for_autocast, check_float, check_projection, functorch_active, gpu_kernel_supports,
-                      raw_apply, traced_as_aten)
+from ._common import (FAST_DTYPES, cast_for_autocast, check_projection, functorch_active, gpu_kernel_supports,
+                      raw_apply, remember_checked, traced_as_aten)
 
 OP = "ia3_linear"
 
@@ -203,7 +203,6 @@ def _validate(x, weight, bias, ia3_l, feedforward) -> None:
 
 
 _PLANS: dict[tuple, backend.Impl] = {}
-_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _CHECKED: set[tuple] = set()  # argument shapes the fast path has validated
 
 
@@ -219,15 +218,12 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # for output scaling, x for input scaling (each only when l is trained), x for the frozen W never.
     # The named checks run once per distinct set of shapes.
     dt = x.dtype
-    if x.is_cpu and dt is weight.dtype and dt is ia3_l.dtype and dt in _FAST_DTYPES and weight.is_cpu \
+    if x.is_cpu and dt is weight.dtype and dt is ia3_l.dtype and dt in FAST_DTYPES and weight.is_cpu \
             and ia3_l.is_cpu and (bias is None or bias.is_cpu) and backend.torch_or_auto() \
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
         shapes = (x.shape[-1:], weight.shape, ia3_l.shape, None if bias is None else bias.shape, feedforward)
         if shapes not in _CHECKED:
-            _validate(x, weight, bias, ia3_l, feedforward)
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED.add(shapes)
+            remember_checked(_CHECKED, shapes, lambda: _validate(x, weight, bias, ia3_l, feedforward))
         backend._LAST[OP] = "torch"
         l = ia3_l.view(-1)
         return F.linear(x * l, weight, bias) if feedforward else F.linear(x, weight, bias) * l

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cext, backend
-from ._common import (cast_for_autocast, check_float, check_projection, dense, functorch_active, gpu_kernel_supports,
-                      raw_apply, traced_as_aten)
+from ._common import (FAST_DTYPES, cast_for_autocast, check_projection, dense, functorch_active, gpu_kernel_supports,
+                      raw_apply, remember_checked, traced_as_aten)
 from ._random import MAX_HASH_ELEMENTS, dropout_keep, hash_keep_reference, keep_threshold, new_seed
 
 OP = "lora_linear"
@@ -392,16 +392,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # named checks once per distinct set of shapes
     dt = x.dtype
     if x.is_cpu and dt is weight.dtype and dt is lora_A.dtype and dt is lora_B.dtype and seed is None \
-            and dt in _FAST_DTYPES and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu \
+            and dt in FAST_DTYPES and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu \
             and (bias is None or bias.is_cpu) and backend.torch_or_auto() \
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
         shapes = (x.shape[-1:], weight.shape, lora_A.shape, lora_B.shape, None if bias is None else bias.shape,
                   dropout_p)
         if shapes not in _CHECKED:
-            _validate(x, weight, bias, lora_A, lora_B, dropout_p)
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED.add(shapes)
+            remember_checked(_CHECKED, shapes, lambda: _validate(x, weight, bias, lora_A, lora_B, dropout_p))
         backend._LAST[OP] = "torch"
         if p == 0.0 and scaling == 1.0:  # no alpha: aten's own graph is the cheapest (no Python backward)
             return _native_forward(x, weight, bias, lora_A, lora_B)
@@ -420,7 +417,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _lora_apply(x, weight, bias, lora_A, lora_B, cfg)
 
 
-_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _CHECKED: set[tuple] = set()  # argument shapes the fast path has validated
 
 

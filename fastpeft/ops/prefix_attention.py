@@ -19,7 +19,7 @@ import torch
 
 from .. import backend
 from ._common import (check, check_float, check_same_device, dense, functorch_active, gpu_kernel_supports, raw_apply,
-                      traced_as_aten, value_checks)
+                      remember_checked, traced_as_aten, value_checks)
 
 OP = "prefix_attention"
 
@@ -302,10 +302,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
                   None if prefix_index is None else (prefix_index.shape, prefix_index.dtype), causal,
                   k.is_cpu and v.is_cpu and prefix_k.is_cpu and prefix_v.is_cpu)
         if shapes not in _CHECKED:
-            _validate(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal)
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED.add(shapes)
+            remember_checked(_CHECKED, shapes, lambda: _validate(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal))
         impl = _TORCH_IMPL
         backend._LAST[OP] = "torch"
     elif not compiling:

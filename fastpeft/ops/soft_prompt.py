@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._common import check, check_same_device, functorch_active, raw_apply, traced_as_aten, value_checks
+from ._common import (check, check_same_device, functorch_active, raw_apply, remember_checked, traced_as_aten,
+                      value_checks)
 
 OP = "soft_prompt_embed"
 
@@ -207,10 +208,7 @@ def soft_prompt_embed(input_ids: torch.Tensor, embedding_weight: torch.Tensor, p
                   prompt_table.dtype, None if prompt_index is None else (prompt_index.shape, prompt_index.dtype),
                   input_ids.is_cpu and prompt_table.is_cpu and (prompt_index is None or prompt_index.is_cpu))
         if shapes not in _CHECKED:
-            _validate(input_ids, embedding_weight, prompt_table, prompt_index)
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED.add(shapes)
+            remember_checked(_CHECKED, shapes, lambda: _validate(input_ids, embedding_weight, prompt_table, prompt_index))
         impl = _TORCH_IMPL
         backend._LAST[OP] = "torch"
         key = None

@@ -760,7 +760,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     from ..ensemble import Ensemble
     from ..peft_model import PeftModel
-    from .data import collate, read_records, tokenize_records
+    from .data import collate, pad_token_id, read_records, tokenize_records
 
     args = eval_parser().parse_args(argv)
     prog = "fastpeft eval"
@@ -794,7 +794,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 for i in range(0, len(examples), args.batch_size):
                     chunk = examples[i:i + args.batch_size]
-                    batch = {k: v.to(device) for k, v in collate(chunk, _pad_id(tokenizer)).items()}
+                    batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id(tokenizer)).items()}
                     n = int((batch["labels"][:, 1:] != -100).sum())
                     total += float(model(**batch).loss) * n
                     count += n
@@ -815,7 +815,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         rows.append(ids[-args.seq_len:])
         answers.append(labels.index(rec["label"]))
     answers_t = torch.tensor(answers)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     ens = Ensemble(model, names, args.ensemble or "mean_logprob")  # one member: that adapter's own scores
     member_pred, ens_pred = [], []
     with torch.no_grad():
@@ -834,14 +834,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         acc = float((torch.cat(ens_pred) == answers_t).float().mean())
         print(f"ensemble ({args.ensemble}, {len(names)} adapters in one batch): accuracy {acc:.4f}")
-    return 0
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
     return 0
 
 

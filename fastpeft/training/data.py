@@ -359,6 +359,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest sequence: input_ids (pad_id), attention_mask (0), labels (-100); examples
     tagged with an adapter (multi-adapter training) add `adapter_names`, one per row."""

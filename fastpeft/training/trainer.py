@@ -63,7 +63,7 @@ from ..peft_model import PeftModel, get_peft_model
 from .checkpoints import (CHECKPOINT_PREFIX, STATE_JSON, STATE_NAME, CheckpointError,  # noqa: F401 (STATE_NAME)
                           CheckpointWriteError, check_writable, fmt_bytes, free_bytes, list_checkpoints, pack_rng,
                           read_state, serialize, unpack_rng, write_checkpoint, write_error)
-from .data import Example, collate, epoch_order, load_examples, split_eval
+from .data import Example, collate, epoch_order, load_examples, pad_token_id, split_eval
 from .preemption import PreemptionGuard, TrainingPreempted
 from .runlock import acquire_run_lock, release_run_lock
 from .tokenizer import ByteTokenizer
@@ -342,7 +342,7 @@ class Trainer:
         if args.fsdp:
             self._shard()
 
-        self.pad_id = self._pad_id()
+        self.pad_id = pad_token_id(self.tokenizer)
         if self.adapter_names:
             self.train_examples, self.eval_examples = [], []
             for name in self.adapter_names:
@@ -440,13 +440,6 @@ class Trainer:
         shutdown_distributed(barrier=True)
 
     # ------------------------------------------------------------------ helpers
-    def _pad_id(self) -> int:
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(self.tokenizer, name, None)
-            if value is not None:
-                return int(value)
-        return 0
-
     def _check_vocab(self) -> None:
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         if emb is None:

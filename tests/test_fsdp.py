@@ -1,6 +1,6 @@
 """FSDP2 on the CPU: two `gloo` ranks with the frozen base sharded (`Trainer(fsdp=True)`) train the same
-adapter as one process on the same global batch (LoRA with dropout, IA3), each holding half the frozen
-weights; the adapter file is PEFT's and loads in HF PEFT; a rank killed mid-save leaves the previous
+adapter as one process on the same global batch (LoRA with dropout, IA3, QLoRA on an NF4 base), each holding
+half the frozen weights (the 4-bit codes and their quantisation state included); the adapter file is PEFT's and loads in HF PEFT; a rank killed mid-save leaves the previous
 checkpoint whole and the run resumes from it bit for bit (with activation checkpointing per layer).  `fastpeft train --fsdp` under torchrun gives
 the DDP run's adapter, and twenty runs of the distributed CLI in a row exit 0."""
 
@@ -35,7 +35,15 @@ WORKER = textwrap.dedent('''
         "ia3": lambda: fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                           feedforward_modules=["down_proj"], task_type="CAUSAL_LM"),
     }
-    methods = ["lora", "ia3"] if mode == "both" else ["lora"]
+    def base(method):
+        model = build_preset("tiny")
+        if method == "qlora":  # a 4-bit NF4 base (double quantisation), as `fastpeft train --quantize nf4`
+            from fastpeft.quant import prepare_model_for_kbit_training, quantize
+            model = prepare_model_for_kbit_training(quantize(model, "nf4", double_quant=True),
+                                                    use_gradient_checkpointing=False)
+        return model
+    configs["qlora"] = configs["lora"]
+    methods = ["lora", "ia3", "qlora"] if mode == "both" else ["lora"]
     if mode == "kill" and rank == 1:  # this rank dies while writing its shards of checkpoint 10
         real = F.save_sharded
         def dying(folder, *args):
@@ -50,7 +58,7 @@ WORKER = textwrap.dedent('''
                          log_every=5, seed=0, fsdp=use_fsdp, eval_fraction=0.1,
                          # the resumed half recomputes every layer: checkpointing changes nothing either
                          gradient_checkpointing=mode == "resume", resume="latest" if mode == "resume" else None)
-        trainer = Trainer(build_preset("tiny"), args, records, peft_config=configs[method]())
+        trainer = Trainer(base(method), args, records, peft_config=configs[method]())
         result = trainer.train()
         trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
         params = F.full_tensors(trainable)
@@ -76,7 +84,7 @@ def _load(folder, rank=0):
     return torch.load(folder / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "qlora"])
 def test_fsdp_equals_one_process(runs, method):
     _, _, single, sharded = runs
     ref, r0, r1 = _load(single / method), _load(sharded / method), _load(sharded / method, 1)
@@ -86,7 +94,10 @@ def test_fsdp_equals_one_process(runs, method):
     for name, value in ref["params"].items():
         assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(r0["params"][name], value, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        moved = max(moved, float((value - _initial(method)[name]).abs().max()))
+        if method == "qlora":  # lora_B starts at zero (its A: the same draw as LoRA's, on another base)
+            moved = max(moved, float(value.abs().max()) if "lora_B" in name else 0.0)
+        else:
+            moved = max(moved, float((value - _initial(method)[name]).abs().max()))
     assert moved > 1e-2, "the adapter did not train: the comparison would prove nothing"
     # evaluation under FSDP: an odd number of eval examples, so one rank runs an extra (empty) forward
     assert r0["n_eval"] % 2 == 1 and r0["eval_loss"] == r1["eval_loss"]
@@ -109,21 +120,28 @@ def _initial(method, cache={}):
     return cache[method]
 
 
-def test_each_rank_holds_half_the_frozen_weights(runs):
-    _, _, _, sharded = runs
-    b0, b1 = _load(sharded / "lora")["bytes"], _load(sharded / "lora", 1)["bytes"]
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_each_rank_holds_half_the_frozen_weights(runs, method):
+    _, _, single, sharded = runs
+    b0, b1 = _load(sharded / method)["bytes"], _load(sharded / method, 1)["bytes"]
     total = b0["frozen_total"]
     assert total == b1["frozen_total"] > 0
     assert b0["frozen_local"] + b1["frozen_local"] == total  # shards, nothing replicated
     for b in (b0, b1):
         assert 0.45 * total <= b["frozen_local"] <= 0.55 * total, b
+    if method == "qlora":
+        # the 4-bit base and its quantisation state are parameters FSDP shards: the per-block absmax counts
+        # (with the 4-bit codes, about a fifth of the fp32 base's bytes here, where embeddings and norms stay fp32)
+        one = _load(single / "qlora")["bytes"]["frozen_total"]
+        assert total == one, "the sharded layout must hold the same bytes as the unsharded 4-bit model"
+        assert total < 0.5 * _load(sharded / "lora")["bytes"]["frozen_total"]
 
 
 def test_saved_adapter_is_a_single_process_peft_file(runs):
     from safetensors.torch import load_file
 
     _, _, single, sharded = runs
-    for method in ("lora", "ia3"):
+    for method in ("lora", "ia3", "qlora"):
         ours, ref = load_file(sharded / method / "adapter_model.safetensors"), \
             load_file(single / method / "adapter_model.safetensors")
         assert sorted(ours) == sorted(ref)
@@ -212,6 +230,23 @@ def test_cli_fsdp_equals_ddp_and_runs_exit_zero(tmp_path):
             assert torch.equal(again[key], value), key
         for sharded in fsdp:
             torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_cli_qlora_fsdp_equals_ddp(tmp_path):
+    """`fastpeft train --quantize nf4 --fsdp` under torchrun (the 4-bit base sharded, its quantisation state
+    included) gives the DDP run's adapter."""
+    from safetensors.torch import load_file
+
+    got = {}
+    for flags in ((), ("--fsdp",)):
+        out = tmp_path / ("fsdp" if flags else "ddp")
+        proc = _torchrun(out, "--quantize", "nf4", *flags)
+        assert proc.returncode == 0, f"{flags} exited {proc.returncode}: {proc.stderr[-3000:]}"
+        got[flags] = load_file(out / "adapter_model.safetensors")
+    ddp, fsdp = got[()], got[("--fsdp",)]
+    assert sorted(ddp) == sorted(fsdp) and any(float(v.abs().max()) > 0 for k, v in ddp.items() if "lora_B" in k)
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
 # ---------------------------------------------------------------------------- the memory plan

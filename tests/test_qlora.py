@@ -349,14 +349,97 @@ def test_mixed_adapter_batch_on_a_4bit_base_equals_each_row_alone():
         torch.testing.assert_close(got[n], want_grads[n], rtol=1e-5, atol=1e-5, msg=n)
 
 
-def test_fsdp_with_a_4bit_base_is_refused_by_name():
-    from fastpeft.training import TrainArgs, Trainer
-    from fastpeft.training.models import build_preset
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (codes viewed as bf16 hold NaN patterns, which torch.equal calls unequal)."""
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
-    model = fastpeft.quantize(build_preset("tiny", seed=0), compute_dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="4-bit"):
-        Trainer(model, TrainArgs(fsdp=True, max_steps=1), [{"text": "the red bee"}] * 4,
-                peft_config=fastpeft.LoraConfig(r=2, target_modules="all-linear"))
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fsdp_layout_keeps_the_numbers_the_state_dict_and_survives_casts(storage, double_quant):
+    """`Linear4bit.shard_layout` (what FSDP2 shards): codes and per-block absmax become frozen integer
+    parameters; forward, input gradient and bitsandbytes' state dict are unchanged, and casting the
+    module (as FSDP's bf16 mixed precision casts floating parameters) leaves every byte as it was."""
+    torch.manual_seed(int(double_quant))
+    lin = nn.Linear(96, 40)  # 3840 weights: 60 blocks of 64 (a ragged nested block of 256)
+    layer = Linear4bit.from_linear(lin, "nf4", double_quant=double_quant, quant_storage=storage)
+    x = torch.randn(5, 96, requires_grad=True)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.shard_layout()
+    params = dict(layer.named_parameters())
+    assert {"weight", "absmax"} <= set(params) and ("nested_absmax" in params) == double_quant
+    assert all(not p.is_floating_point() and not p.requires_grad for n, p in params.items() if n != "bias")
+    assert layer.quant_state.absmax.numel() == 0  # no second full copy kept beside the shards
+    after = layer.state_dict()
+    assert sorted(after) == sorted(before)
+    for k, v in before.items():
+        assert _same_bytes(after[k], v), k
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = layer(x2)
+    (dx2,) = torch.autograd.grad(y2.square().sum(), x2)
+    assert torch.equal(y2, y) and torch.equal(dx2, dx)
+    layer.to(torch.bfloat16)  # floating parameters (the bias) cast, the integer views untouched
+    assert all(_same_bytes(layer.state_dict()[k], v) for k, v in before.items() if not k.endswith("bias"))
+    with pytest.raises(RuntimeError, match="laid out for FSDP"):  # weights are loaded before sharding
+        layer.load_state_dict(before)
+
+
+def test_load_quantized_reads_one_layer_at_a_time_and_equals_quantize(tmp_path, monkeypatch):
+    """`load_quantized` (what each FSDP rank calls): the same codes, state and logits as quantising the loaded
+    16-bit model, while never more than one linear weight is alive in 16 bits."""
+    import weakref
+
+    import safetensors
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft.quant import load_quantized, quantize
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path)  # safetensors
+    ref = quantize(AutoModelForCausalLM.from_pretrained(tmp_path), "nf4", double_quant=True).eval()
+    alive, peak = [], [0]
+    real = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *a, **k):
+            self.h = real(*a, **k)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_tensor(self, key):
+            t = self.h.get_tensor(key)
+            if "proj" in key and key.endswith(".weight"):
+                alive.append(weakref.ref(t))
+                peak[0] = max(peak[0], sum(r() is not None for r in alive))
+            return t
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    ours = load_quantized(str(tmp_path), "nf4", double_quant=True)
+    assert peak[0] == 1, f"{peak[0]} linear weights alive in 16 bits at once"
+    a, b = ours.state_dict(), ref.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert _same_bytes(a[k], b[k]), k
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not one"):
+        load_quantized(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_quantized(str(tmp_path / "empty"))
+
+
+def test_fsdp_refuses_a_bitsandbytes_layer_by_name(bnb):
+    from fastpeft.training import fsdp
+
+    model = nn.Sequential(bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+    with pytest.raises(ValueError, match="fastpeft.quantize"):
+        fsdp.shard_model(model, torch.device("cpu"))
 
 
 def test_accelerate_runs_a_peft_qlora_model_on_the_fused_nf4_gemm(bnb, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ every forward of an accelerated LoRA / IA3 layer as
   base      the frozen layer alone, as PEFT does too (adapters disabled, merged weights, no adapter here)
   fallback  deferred to PEFT's own forward (DoRA and other variants, extra forward arguments, ...)
 
-and compares the failing tests of both runs (fastpeft must add none).  Get the sources first:
+and compares the failing tests of both runs (fastpeft must add none).  Both runs seed torch, random and numpy
+before every test (SEED), so that each test builds the same random adapters in both.  Get the sources first:
 
     pip download --no-binary :all: --no-deps peft==0.21.2 -d /tmp/p && tar xzf /tmp/p/peft-0.21.2.tar.gz -C /tmp/p
     python tools/peft_suite_coverage.py --peft-src /tmp/p/peft-0.21.2 --out coverage.json [-k EXPR] [--max-tests N]
@@ -33,6 +34,7 @@ import time
 
 import pytest
 
+SEED = 0  # torch, random and numpy are seeded with it before every test, in both runs
 _SKIP_METHODS = ("adalora", "randlora", "tinylora", "unilora", "bdlora", "lora_ga", "loraga", "vblora", "xlora")
 
 
@@ -64,6 +66,24 @@ class _Plugin:
         if self.max_tests:
             keep = keep[: self.max_tests]
         items[:] = keep
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        # every test starts from the same RNG state in both runs: PEFT's tests draw their adapters' random
+        # init from torch's global generator, whose state otherwise depends on what earlier tests consumed
+        # (fastpeft's dropout draws its seeds differently from PEFT's Bernoulli masks), so the two runs would
+        # compare the same test on different weights
+        import random
+
+        import torch
+
+        random.seed(SEED)
+        torch.manual_seed(SEED)
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        np.random.seed(SEED)
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":

@@ -8,9 +8,19 @@ import torch
 from torch import nn
 
 from ..quant.linear import dense_weight, linear_4bit
+from dataclasses import replace
+
 from ..quant.nf4 import QuantState4bit, quantize_4bit, state_from_bnb, state_from_dict, state_to_dict
 
 _STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_SHARDED = ("absmax", "nested_absmax")  # the quantisation state's per-block tensors, parameters under FSDP
+_INT_OF = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _as_int(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s bytes as an integer tensor of the same shape (float32 → int32, bf16/fp16 → int16): FSDP2's
+    mixed precision casts floating parameters only, so integer views cross it bit for bit."""
+    return t if not t.is_floating_point() else t.view(_INT_OF[t.element_size()])
 
 
 class Linear4bit(nn.Module):
@@ -49,9 +59,53 @@ class Linear4bit(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().requires_grad_(layer.bias.requires_grad)
         return cls(layer.weight.data, state_from_bnb(qs), bias, getattr(layer, "compute_dtype", None))
 
+    # ------------------------------------------------------------------ FSDP2 layout
+    def shard_layout(self) -> None:
+        """Lay the layer out for FSDP2 (`fully_shard`), in place: the packed codes and the quantisation
+        state's per-block tensors (absmax, and with double quantisation the nested absmax) become frozen
+        integer parameters, so that FSDP shards every one of them on dim 0 (each rank keeping 1/world of
+        the 4-bit base, the state included) and all-gathers them for the unit's forward and backward.
+        Integer, because FSDP2's mixed precision casts floating parameters: the codes of a floating
+        `quant_storage` (bf16, as FSDP-QLoRA recipes choose) and the float32 absmax travel as int16 /
+        int32 views of the same bytes.  The 16- and 256-value code books and the offset stay plain
+        attributes (a few hundred bytes a layer).  The state dict is unchanged (bitsandbytes' keys)."""
+        if self.__dict__.get("_layout") is not None:
+            return
+        qs = self.quant_state
+        w = self._parameters["weight"]
+        layout = {"weight": w.dtype}
+        self._parameters["weight"] = nn.Parameter(_as_int(w.data), requires_grad=False)
+        for name in _SHARDED:
+            t = getattr(qs, name)
+            if t is not None:
+                layout[name] = t.dtype
+                self.register_parameter(name, nn.Parameter(_as_int(t.reshape(-1)), requires_grad=False))
+        # the state keeps empty stand-ins: the full tensors would otherwise stay alive on every rank
+        self.quant_state = replace(qs, absmax=qs.absmax.new_empty(0), nested_absmax=None if qs.nested_absmax is None
+                                   else qs.nested_absmax.new_empty(0))
+        self.__dict__["_layout"] = layout
+
+    def state(self) -> QuantState4bit:
+        """The quantisation state to compute with (under FSDP: built from the gathered parameters)."""
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            return self.quant_state
+        params = self._parameters
+        absmax = params["absmax"].view(layout["absmax"])
+        nested = params.get("nested_absmax")
+        return replace(self.quant_state, absmax=absmax,
+                       nested_absmax=None if nested is None else nested.view(layout["nested_absmax"]))
+
+    def codes(self) -> torch.Tensor:
+        """The packed codes in their quant-storage dtype (bitsandbytes' layout)."""
+        layout = self.__dict__.get("_layout")
+        w = self._parameters["weight"]
+        return w if layout is None or w.dtype == layout["weight"] else w.view(layout["weight"])
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (out_features, in_features) in `dtype` (default: the dtype it was quantised from)."""
-        return dense_weight(self.weight, self.quant_state, self.quant_state.dtype if dtype is None else dtype)
+        state = self.state()
+        return dense_weight(self.codes(), state, state.dtype if dtype is None else dtype)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding the dequantised weight."""
@@ -71,7 +125,7 @@ class Linear4bit(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return linear_4bit(x, self.weight, self.quant_state, bias).to(inp_dtype)
+        return linear_4bit(x, self._parameters["weight"], self.state(), bias).to(inp_dtype)
 
     def _apply(self, fn, recurse=True):
         # the codes move with the module but are never cast (model.half() must not convert a
@@ -90,7 +144,11 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in state_to_dict(self.quant_state).items():
+        if self.__dict__.get("_layout") is not None:  # FSDP's parameters, written under bitsandbytes' keys
+            for name in _SHARDED:
+                destination.pop(prefix + name, None)
+            destination[prefix + "weight"] = self.codes() if keep_vars else self.codes().detach()
+        for key, value in state_to_dict(self.state()).items():
             destination[prefix + "weight." + key] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -98,6 +156,14 @@ class Linear4bit(nn.Module):
         quant = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + "weight.")
                  and k[len(prefix) + 7:].split(".")[0] in _STATE_KEYS + ("quant_state",)}
         wkey = prefix + "weight"
+        if self.__dict__.get("_layout") is not None:
+            if quant or wkey in state_dict:
+                error_msgs.append(f"{wkey}: this 4-bit layer is laid out for FSDP (shard_layout); load its weights "
+                                  f"before sharding the model")
+            for name in _SHARDED:  # adapter-only loads (strict=False) pass by
+                if name in self._parameters and prefix + name not in state_dict:
+                    missing_keys.append(prefix + name)
+            return
         if quant:
             if wkey not in state_dict:
                 missing_keys.append(wkey)

@@ -28,7 +28,7 @@ class LoraLinear4bit(LoraLinear):
             # one active adapter on the GPU: the fused NF4-prologue GEMM with the LoRA term in its epilogue
             name = self.active_adapters[0]
             backend._LAST["qlora_linear"] = "triton"
-            return qlora_layer(x, base.weight, base.quant_state, base.bias, base.compute_dtype,
+            return qlora_layer(x, base.weight, base.state(), base.bias, base.compute_dtype,
                                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                                self._dropout_p(name), self.training)
         if self.disable_adapters or adapter_names is not None:
@@ -61,6 +61,9 @@ class LoraLinear4bit(LoraLinear):
     def _shift(self, name: str, sign: float) -> None:
         base = self.base_layer
         if isinstance(base, Linear4bit):
+            if base.__dict__.get("_layout") is not None:
+                raise ValueError("merging into a 4-bit base laid out for FSDP is not supported; merge the "
+                                 "adapter into an unsharded model")
             qs = base.quant_state
             w = base.dequantize(torch.float32) + sign * self.get_delta_weight(name).to(base.weight.device)
             if not torch.isfinite(w).all():

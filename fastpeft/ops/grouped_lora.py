@@ -173,8 +173,8 @@ def torch_forward(x, weight, bias, plan, lora_A, lora_B, scaling, dropout_p, see
     in_place = y.dtype == adt
     xs_all = None if spans is not None else xa.index_select(0, plan.order)
     delta = None
-    if spans is None or not in_place:
-        delta = torch.empty((plan.num_lora_tokens if spans is None else 0, y.shape[1]), device=y.device, dtype=adt)
+    if spans is None and not in_place:
+        delta = torch.empty((plan.num_lora_tokens, y.shape[1]), device=y.device, dtype=adt)
     saved = []
     for g in range(len(plan.names)):
         a, b, scale, p = lora_A[g], lora_B[g], scaling[g], dropout_p[g]
@@ -186,18 +186,21 @@ def torch_forward(x, weight, bias, plan, lora_A, lora_B, scaling, dropout_p, see
         else:
             s = torch.mm(xs, a.t())
         saved.append(s)
-        if spans is None:  # beta=0: delta's old contents are ignored, the scaling rides on the mm
+        if spans is None and in_place:
+            # the segment's rows of y gathered, y_g += scaling·S·Bᵀ in one addmm and written back: the
+            # single-adapter op's own arithmetic (one rounding of y + scaling·S·Bᵀ), so that a row of a mixed
+            # batch differs from the same row run alone by no more than the GEMM's dependence on the row count
+            rows = plan.order[lo:hi]
+            y.index_copy_(0, rows, y.index_select(0, rows).addmm_(s, b.t(), alpha=scale))
+        elif spans is None:  # beta=0: delta's old contents are ignored, the scaling rides on the mm
             part = delta[lo:hi]
             torch.addmm(part, s, b.t(), beta=0, alpha=scale, out=part)
         elif in_place:
             y[lo:hi].addmm_(s, b.t(), alpha=scale)
         else:
             y[lo:hi] += torch.mm(s, b.t()).mul_(scale)
-    if spans is None:
-        if in_place:
-            y.index_add_(0, plan.order, delta)
-        else:  # y + delta in the adapter dtype, rounded once to y's dtype (as the single-adapter op)
-            y.index_copy_(0, plan.order, (y.index_select(0, plan.order) + delta).to(y.dtype))
+    if spans is None and not in_place:  # y + delta in the adapter dtype, rounded once to y's dtype (as the single-adapter op)
+        y.index_copy_(0, plan.order, (y.index_select(0, plan.order) + delta).to(y.dtype))
     return y, saved
 
 

@@ -216,3 +216,107 @@ def _reinit_buffers(model: nn.Module, config, device) -> None:
         for attr in ("attention_scaling", ):
             if hasattr(fresh, attr):
                 setattr(module, attr, getattr(fresh, attr))
+
+
+def load_quantized(path: str, quant_type: str = "nf4", double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None, model_class=None,
+                   skip_modules: list[str] | None = None, quant_storage: torch.dtype = torch.uint8,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """A 16-bit (or fp32) transformers checkpoint in `path` (config.json + *.safetensors) loaded straight into
+    a 4-bit model, one linear layer at a time: the model is built on the meta device, each linear weight is
+    read from its safetensors file, quantised (`quantize`'s rounding, bit for bit) and dropped before the next
+    is read, so the whole model never exists in 16 bits (peak: the 4-bit model plus one layer's weight).
+    Other tensors (embeddings, norms, the output layer) are read as stored, in `dtype` when given.  No
+    pickle: safetensors only.  What each rank of an FSDP run calls before sharding (QLoRA)."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+
+    Linear4bit = _nn().Linear4bit
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"load_quantized supports 'nf4' and 'fp4', got {quant_type!r}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_quantized reads a local model folder; {path!r} is not one")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path} (load_quantized reads safetensors only)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{path} is already quantised ({config.quantization_config!r}); load it with "
+                         f"load_pretrained_4bit")
+    handles = {f: safe_open(os.path.join(path, f), framework="pt", device=str(device)) for f in files}
+    where = {key: f for f, h in handles.items() for key in h.keys()}
+
+    def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise KeyError(key)
+        t = handles[where[key]].get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    model_class = model_class or transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = model_class.from_config(config, **({"torch_dtype": dtype} if dtype is not None else {}))
+    skip = set(skip_modules) if skip_modules is not None else _output_names(model)
+    prefixes = _checkpoint_prefixes(model, where)
+    found = lambda name: next((p + name for p in prefixes if p + name in where), None)  # noqa: E731
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not name or _skipped(name, skip) or not isinstance(module, nn.Linear):
+            continue
+        wkey = found(name + ".weight")
+        if wkey is None:
+            continue
+        weight = read(wkey)
+        bkey = found(name + ".bias") if module.bias is not None else None
+        bias = None if bkey is None else read(bkey)
+        packed, state = _quantize_weight(weight, quant_type, double_quant, quant_storage)
+        del weight  # one layer's 16-bit weight alive at a time
+        _set(model, name, Linear4bit(packed, state, bias, compute_dtype))
+        count += 1
+    if count == 0:
+        raise ValueError(f"load_quantized found no linear weight to quantise in {path}")
+    missing = []
+    for mname, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            key = found(f"{mname}.{pname}" if mname else pname)
+            if key is None:
+                missing.append(f"{mname}.{pname}")
+                continue
+            module._parameters[pname] = nn.Parameter(read(key), requires_grad=p.requires_grad)
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.is_meta and bname not in module._non_persistent_buffers_set:
+                key = found(f"{mname}.{bname}" if mname else bname)
+                if key is not None:
+                    module._buffers[bname] = read(key)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        missing = [m for m in missing if m not in {n for n, _ in _tied_names(model)}]
+        model.tie_weights()
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: missing {missing[:8]}")
+    _reinit_buffers(model, config, device)
+    _mark(model, quant_type, double_quant, compute_dtype, 64, quant_storage, skip)
+    index = os.path.join(path, "generation_config.json")
+    if os.path.isfile(index) and hasattr(model, "generation_config"):
+        with open(index) as fh:
+            model.generation_config = transformers.GenerationConfig.from_dict(json.load(fh))
+    return model.eval()
+
+
+def _quantize_weight(weight: torch.Tensor, quant_type: str, double_quant: bool, quant_storage: torch.dtype):
+    from .nf4 import quantize_4bit
+
+    return quantize_4bit(weight, 64, quant_type, double_quant, quant_storage)
+
+
+def _checkpoint_prefixes(model: nn.Module, keys: dict) -> list[str]:
+    """Key prefixes under which the checkpoint may name the model's tensors ('' or the base model's prefix)."""
+    base = getattr(model, "base_model_prefix", "") or ""
+    return ["", base + "."] if base else [""]
+
+
+def _tied_names(model: nn.Module):
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [] if out is None else [(n + ".weight", m) for n, m in model.named_modules() if m is out]

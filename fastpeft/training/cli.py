@@ -546,8 +546,9 @@ def _train_main(args: argparse.Namespace, prog: str) -> int:
             args.target_modules = "all-linear"
         try:
             config = make_config(args)
-            model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype])
-            if args.quantize != "none":
+            model, tokenizer, source = load_model(args.model, seed=args.seed, dtype=DTYPES[dtype],
+                                                  quantize=None if args.quantize == "none" else args.quantize)
+            if args.quantize != "none":  # a folder came in 4 bits already (layer by layer); a preset is quantised
                 model = _quantize(model, args.quantize, DTYPES[dtype], args.gradient_checkpointing)
             targs = TrainArgs(
                 output_dir=args.out, max_steps=args.steps, epochs=args.epochs or 1, batch_size=args.batch_size,

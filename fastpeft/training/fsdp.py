@@ -7,6 +7,11 @@ all-gathered into plain tensors just for its forward and backward, so the fused 
 ordinary tensors.  Only the adapter parameters have gradients; they are reduce-scattered in fp32
 (`MixedPrecisionPolicy(reduce_dtype=float32)`) and the optimizer steps on the local shards.
 
+QLoRA: every fastpeft `Linear4bit` is first laid out for sharding (`Linear4bit.shard_layout`): its packed
+codes and its quantisation state's per-block absmax become frozen integer parameters (integer views of
+the same bytes, which FSDP2's mixed precision never casts), so each rank holds 1/world of the 4-bit base,
+its quantisation state included; the all-gathered codes are dequantised inside the unit as usual.
+
 Checkpoints (see `save_sharded` / `load_sharded`): each rank writes its own shards of the adapter
 and of the optimizer state through `torch.distributed.checkpoint` in the safetensors layout
 (`HuggingFaceStorageWriter(save_distributed=True)`: one `shard-N-...safetensors` a rank, offsets
@@ -84,6 +89,14 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
     if cpu_offload and device.type != "cuda":
         raise ValueError(f"fsdp_cpu_offload moves the shards to CPU memory while computing on a GPU; the model is "
                          f"on {device}, where there is nothing to offload")
+    from ..nn.linear4bit import Linear4bit, is_4bit_linear
+
+    for name, module in model.named_modules():  # QLoRA: codes and quantisation state as shardable parameters
+        if isinstance(module, Linear4bit):
+            module.shard_layout()
+        elif is_4bit_linear(module):
+            raise ValueError(f"fsdp: {name} is a bitsandbytes Linear4bit, whose Params4bit FSDP cannot shard; "
+                             f"take the model over with fastpeft.quantize(model) first (same codes, no copy)")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
@@ -104,12 +117,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of this rank's parameters: frozen / trainable, local (this rank's shards) and total."""
+    """Bytes of this rank's parameters: frozen / trainable, local (this rank's shards) and total; a 4-bit
+    layer's per-block quantisation state counts as frozen (replicated until `shard_layout` makes it shards)."""
+    from ..nn.linear4bit import Linear4bit
+
     out = {"frozen_local": 0, "frozen_total": 0, "trainable_local": 0, "trainable_total": 0}
     for p in model.parameters():
         kind = "trainable" if p.requires_grad else "frozen"
         out[f"{kind}_local"] += _local(p).numel() * p.element_size()
         out[f"{kind}_total"] += p.numel() * p.element_size()
+    for m in model.modules():  # a 4-bit layer's per-block quantisation state: parameters once laid out for FSDP
+        if isinstance(m, Linear4bit) and m.__dict__.get("_layout") is None:
+            qs = m.quant_state
+            held = sum(t.numel() * t.element_size() for t in (qs.absmax, qs.nested_absmax) if t is not None)
+            out["frozen_local"] += held
+            out["frozen_total"] += held
     return out
 
 

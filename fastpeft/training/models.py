@@ -57,9 +57,11 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     return model.to(dtype)
 
 
-def load_model(name_or_path: str, seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any, dict]:
-    """(model, tokenizer, source): `source` is what `generate` needs to rebuild the base model."""
+def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+               quantize: str | None = None) -> tuple[torch.nn.Module, Any, dict]:
+    """(model, tokenizer, source): `source` is what `generate` needs to rebuild the base model.  `quantize`
+    ("nf4" / "fp4") loads a model folder's linear layers straight into 4 bits, one at a time
+    (`fastpeft.quant.load_quantized`: the model never exists in 16 bits); a preset is built, then quantised."""
     if name_or_path in PRESETS:
         model = build_preset(name_or_path, seed, dtype)
         return model, preset_tokenizer(), {"preset": name_or_path, "seed": seed}
@@ -70,7 +72,12 @@ def load_model(name_or_path: str, seed: int = 0,
         raise ValueError(f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a local model folder "
                          f"nor a model in the Hugging Face cache (fastpeft train does not download models)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        if quantize is not None and any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            from ..quant import load_quantized
+
+            model = load_quantized(folder, quantize, double_quant=True, compute_dtype=dtype, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a causal LM from {folder}: {err}") from None
     tokenizer = None

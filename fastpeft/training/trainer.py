@@ -411,12 +411,6 @@ class Trainer:
         if self.model.is_prompt_learning:
             raise ValueError(f"fsdp=True shards LoRA and IA3 models; {self.model.peft_type.value} keeps its "
                              f"parameters outside the decoder layers, train it with DDP (fsdp=False)")
-        from ..nn.linear4bit import is_4bit_linear
-
-        if any(is_4bit_linear(m) for m in self.model.modules()):
-            raise NotImplementedError("fsdp=True with a 4-bit (QLoRA) base is not implemented yet: its packed weights "
-                                      "and quantisation state are not laid out for even sharding; train it with DDP "
-                                      "(fsdp=False)")
         if self.world_size == 1:
             self._log("fsdp: one process, nothing to shard; training unsharded")
             return

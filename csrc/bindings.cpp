@@ -111,7 +111,8 @@ void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, s
                      std::uintptr_t table, int table_dtype, std::uintptr_t prompt_index, std::uintptr_t bad_index,
                      int64_t B, int64_t T, int64_t P, int64_t H, int64_t V, int64_t N, int64_t ids_stride_b,
                      int64_t ids_stride_t, int64_t weight_stride_v, int64_t weight_stride_h, int64_t table_stride_n,
-                     int64_t table_stride_p, int64_t table_stride_h, int64_t pidx_stride, std::uintptr_t stream) {
+                     int64_t table_stride_p, int64_t table_stride_h, int64_t pidx_stride, std::uintptr_t stream,
+                     std::uintptr_t slots, int64_t slots_stride_b, int64_t slots_stride_t) {
   const Checker c{"soft_prompt_fwd"};
   c.dtype(out_dtype, "the embedding weight / output");
   c.dtype(table_dtype, "the prompt table");
@@ -121,7 +122,10 @@ void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, s
   c.positive(H, "hidden size H");
   c.positive(V, "vocabulary size V");
   c.positive(N, "num_prompts N");
-  c.extent({B, P + T, H}, "the output (B, P+T, H)");
+  if (slots != 0)
+    c.extent({B, T, H}, "the output (B, T, H)");
+  else
+    c.extent({B, P + T, H}, "the output (B, P+T, H)");
   c.ptr(out, "out", Checker::itemsize(out_dtype));
   c.ptr(weight, "embedding_weight", Checker::itemsize(out_dtype));
   c.ptr(table, "prompt_table", Checker::itemsize(table_dtype));
@@ -139,6 +143,11 @@ void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, s
   c.stride(ids_stride_t, "input_ids' token stride", T, 1);
   c.stride(ids_stride_b, "input_ids' batch stride", B, (T - 1) * ids_stride_t + 1);
   c.stride(pidx_stride, "prompt_index's stride", B, 1);
+  if (slots != 0) {  // templated: a slot map (B, T) of int64, -1 at a word
+    if (T > 0) c.ptr(slots, "slots", 8);
+    c.stride(slots_stride_t, "slots' token stride", T, 1);
+    c.stride(slots_stride_b, "slots' batch stride", B, (T - 1) * slots_stride_t + 1);
+  }
 
   fastpeft::SoftPromptFwdArgs a{};
   a.out = reinterpret_cast<void*>(out);
@@ -152,6 +161,8 @@ void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, s
   a.weight_stride_v = weight_stride_v;
   a.table_stride_n = table_stride_n, a.table_stride_p = table_stride_p;
   a.pidx_stride = pidx_stride;
+  a.slots = reinterpret_cast<const int64_t*>(slots);
+  a.slots_stride_b = slots_stride_b, a.slots_stride_t = slots_stride_t;
   const int64_t w = 16 / Checker::itemsize(out_dtype);
   const bool vec = aligned16({out, weight, table}) && multiple_of(w, {H, weight_stride_v, table_stride_n, table_stride_p});
   raise_if_failed(fastpeft::launch_soft_prompt_fwd(a, out_dtype, table_dtype, vec, as_stream(stream)), c.fn);
@@ -160,7 +171,8 @@ void soft_prompt_fwd(std::uintptr_t out, int out_dtype, std::uintptr_t weight, s
 void soft_prompt_table_bwd(std::uintptr_t d_table, int table_dtype, std::uintptr_t dout, int dout_dtype,
                            std::uintptr_t prompt_index, int64_t B, int64_t S, int64_t P, int64_t H, int64_t N,
                            int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h, int64_t pidx_stride,
-                           std::uintptr_t stream) {
+                           std::uintptr_t stream, std::uintptr_t positions, std::uintptr_t bad_index,
+                           int64_t pos_stride_b, int64_t pos_stride_p) {
   const Checker c{"soft_prompt_table_bwd"};
   c.dtype(table_dtype, "the prompt table gradient");
   c.dtype(dout_dtype, "dout");
@@ -169,7 +181,8 @@ void soft_prompt_table_bwd(std::uintptr_t d_table, int table_dtype, std::uintptr
   c.positive(P, "num_virtual_tokens P");
   c.positive(H, "hidden size H");
   c.positive(N, "num_prompts N");
-  if (S < P) c.fail("inconsistent sizes: dout has ", S, " positions per row, fewer than the ", P, " prompt tokens");
+  if (S < P)
+    c.fail("inconsistent sizes: dout has ", S, " positions per row, fewer than the ", P, " prompt tokens");
   c.extent({N, P, H}, "d_table (N, P, H)");
   c.extent({B, S, H}, "dout (B, S, H)");
   c.ptr(d_table, "d_table", Checker::itemsize(table_dtype));
@@ -181,14 +194,23 @@ void soft_prompt_table_bwd(std::uintptr_t d_table, int table_dtype, std::uintptr
   c.stride(dout_stride_s, "dout's sequence stride", S, H, H);
   c.stride(dout_stride_b, "dout's batch stride", B, (S - 1) * dout_stride_s + H);
   c.stride(pidx_stride, "prompt_index's stride", B, 1);
+  if (bad_index != 0 && bad_index % 4 != 0) c.fail("pointer for bad_index is not aligned to 4 bytes");
+  if (positions != 0) {  // templated: virtual token p of row b sits at dout position positions[b, p]
+    c.ptr(positions, "positions", 8);
+    c.stride(pos_stride_p, "positions' token stride", P, 1);
+    c.stride(pos_stride_b, "positions' batch stride", B, (P - 1) * pos_stride_p + 1);
+  }
 
   fastpeft::SoftPromptTableBwdArgs a{};
   a.d_table = reinterpret_cast<void*>(d_table);
   a.dout = reinterpret_cast<const void*>(dout);
   a.prompt_index = reinterpret_cast<const int64_t*>(prompt_index);
-  a.B = B, a.P = P, a.H = H, a.N = N;
+  a.B = B, a.S = S, a.P = P, a.H = H, a.N = N;
   a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
   a.pidx_stride = pidx_stride;
+  a.positions = reinterpret_cast<const int64_t*>(positions);
+  a.bad_index = reinterpret_cast<int*>(bad_index);
+  a.pos_stride_b = pos_stride_b, a.pos_stride_p = pos_stride_p;
   const int64_t w = 16 / Checker::itemsize(dout_dtype);
   const bool vec = aligned16({d_table, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
   raise_if_failed(fastpeft::launch_soft_prompt_table_bwd(a, dout_dtype, table_dtype, vec, as_stream(stream)), c.fn);
@@ -197,7 +219,8 @@ void soft_prompt_table_bwd(std::uintptr_t d_table, int table_dtype, std::uintptr
 // Shared checks of the two word-embedding backwards.
 void check_weight_bwd(const Checker& c, std::uintptr_t d_weight, int weight_dtype, std::uintptr_t dout, int dout_dtype,
                       std::uintptr_t bad_index, int64_t B, int64_t S, int64_t T, int64_t P, int64_t H, int64_t V,
-                      int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h) {
+                      int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h, std::uintptr_t slots,
+                      int64_t slots_stride_b, int64_t slots_stride_t) {
   c.dtype(weight_dtype, "the embedding gradient");
   c.dtype(dout_dtype, "dout");
   c.positive(B, "batch size B");
@@ -215,15 +238,22 @@ void check_weight_bwd(const Checker& c, std::uintptr_t d_weight, int weight_dtyp
   c.unit(dout_stride_h, "dout's hidden stride");
   c.stride(dout_stride_s, "dout's sequence stride", S, H, H);
   c.stride(dout_stride_b, "dout's batch stride", B, (S - 1) * dout_stride_s + H);
+  if (slots != 0) {  // templated: the words sit among the virtual tokens, at dout positions 0..T-1
+    if (P != 0) c.fail("inconsistent sizes: with a slot map (templated) P must be 0 (dout has T positions), got ", P);
+    if (T > 0) c.ptr(slots, "slots", 8);
+    c.stride(slots_stride_t, "slots' token stride", T, 1);
+    c.stride(slots_stride_b, "slots' batch stride", B, (T - 1) * slots_stride_t + 1);
+  }
 }
 
 void soft_prompt_weight_bwd(std::uintptr_t d_weight, std::uintptr_t dout, int dout_dtype, std::uintptr_t input_ids,
                             std::uintptr_t bad_index, int64_t B, int64_t S, int64_t T, int64_t P, int64_t H,
                             int64_t V, int64_t ids_stride_b, int64_t ids_stride_t, int64_t dout_stride_b,
-                            int64_t dout_stride_s, int64_t dout_stride_h, std::uintptr_t stream) {
+                            int64_t dout_stride_s, int64_t dout_stride_h, std::uintptr_t stream,
+                            std::uintptr_t slots, int64_t slots_stride_b, int64_t slots_stride_t) {
   const Checker c{"soft_prompt_weight_bwd"};
   check_weight_bwd(c, d_weight, kFloat32, dout, dout_dtype, bad_index, B, S, T, P, H, V, dout_stride_b,
-                   dout_stride_s, dout_stride_h);
+                   dout_stride_s, dout_stride_h, slots, slots_stride_b, slots_stride_t);
   if (T > 0) c.ptr(input_ids, "input_ids", 8);
   c.stride(ids_stride_t, "input_ids' token stride", T, 1);
   c.stride(ids_stride_b, "input_ids' batch stride", B, (T - 1) * ids_stride_t + 1);
@@ -237,6 +267,8 @@ void soft_prompt_weight_bwd(std::uintptr_t d_weight, std::uintptr_t dout, int do
   a.B = B, a.T = T, a.P = P, a.H = H, a.V = V;
   a.ids_stride_b = ids_stride_b, a.ids_stride_t = ids_stride_t;
   a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
+  a.slots = reinterpret_cast<const int64_t*>(slots);
+  a.slots_stride_b = slots_stride_b, a.slots_stride_t = slots_stride_t;
   const int64_t w = 16 / Checker::itemsize(dout_dtype);
   const bool vec = aligned16({d_weight, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
   raise_if_failed(fastpeft::launch_soft_prompt_weight_bwd_atomic(a, dout_dtype, vec, as_stream(stream)), c.fn);
@@ -246,10 +278,11 @@ void soft_prompt_weight_bwd_sorted(std::uintptr_t d_weight, int weight_dtype, st
                                    std::uintptr_t sorted_ids, std::uintptr_t order, std::uintptr_t bad_index,
                                    int64_t B, int64_t S, int64_t T, int64_t P, int64_t H, int64_t V,
                                    int64_t dout_stride_b, int64_t dout_stride_s, int64_t dout_stride_h,
-                                   std::uintptr_t stream) {
+                                   std::uintptr_t stream, std::uintptr_t slots, int64_t slots_stride_b,
+                                   int64_t slots_stride_t) {
   const Checker c{"soft_prompt_weight_bwd_sorted"};
   check_weight_bwd(c, d_weight, weight_dtype, dout, dout_dtype, bad_index, B, S, T, P, H, V, dout_stride_b,
-                   dout_stride_s, dout_stride_h);
+                   dout_stride_s, dout_stride_h, slots, slots_stride_b, slots_stride_t);
   if (T == 0) return;
   c.ptr(sorted_ids, "sorted_ids", 8);
   c.ptr(order, "order", 8);
@@ -262,6 +295,8 @@ void soft_prompt_weight_bwd_sorted(std::uintptr_t d_weight, int weight_dtype, st
   a.bad_index = reinterpret_cast<int*>(bad_index);
   a.B = B, a.T = T, a.P = P, a.H = H, a.V = V;
   a.dout_stride_b = dout_stride_b, a.dout_stride_s = dout_stride_s;
+  a.slots = reinterpret_cast<const int64_t*>(slots);
+  a.slots_stride_b = slots_stride_b, a.slots_stride_t = slots_stride_t;
   const int64_t w = 16 / Checker::itemsize(dout_dtype);
   const bool vec = aligned16({d_weight, dout}) && multiple_of(w, {H, dout_stride_b, dout_stride_s});
   raise_if_failed(fastpeft::launch_soft_prompt_weight_bwd_sorted(a, dout_dtype, weight_dtype, vec, as_stream(stream)),
@@ -524,26 +559,32 @@ PYBIND11_MODULE(FASTPEFT_MODULE_NAME, m) {
   m.doc() = "fastpeft CUDA kernels (pointer-based; see fastpeft/_cext.py for the tensor wrappers)";
   using py::arg;
 
-  m.def("soft_prompt_fwd", &soft_prompt_fwd, "out[b] = [cast(table[prompt_index[b]]) ; weight[input_ids[b]]]",
+  m.def("soft_prompt_fwd", &soft_prompt_fwd,
+        "out[b] = [cast(table[prompt_index[b]]) ; weight[input_ids[b]]]; with slots (templated) out[b, t] = "
+        "slots[b, t] >= 0 ? cast(table[prompt_index[b], slots[b, t]]) : weight[input_ids[b, t]]",
         arg("out"), arg("out_dtype"), arg("weight"), arg("input_ids"), arg("table"), arg("table_dtype"),
         arg("prompt_index"), arg("bad_index"), arg("B"), arg("T"), arg("P"), arg("H"), arg("V"), arg("N"),
         arg("ids_stride_b"), arg("ids_stride_t"), arg("weight_stride_v"), arg("weight_stride_h"),
-        arg("table_stride_n"), arg("table_stride_p"), arg("table_stride_h"), arg("pidx_stride"), arg("stream"));
+        arg("table_stride_n"), arg("table_stride_p"), arg("table_stride_h"), arg("pidx_stride"), arg("stream"),
+        arg("slots") = std::uintptr_t(0), arg("slots_stride_b") = int64_t(0), arg("slots_stride_t") = int64_t(0));
   m.def("soft_prompt_table_bwd", &soft_prompt_table_bwd,
         "d_table = prompt part of dout summed over rows (shared) or scattered by prompt_index; deterministic",
         arg("d_table"), arg("table_dtype"), arg("dout"), arg("dout_dtype"), arg("prompt_index"), arg("B"), arg("S"),
         arg("P"), arg("H"), arg("N"), arg("dout_stride_b"), arg("dout_stride_s"), arg("dout_stride_h"),
-        arg("pidx_stride"), arg("stream"));
+        arg("pidx_stride"), arg("stream"), arg("positions") = std::uintptr_t(0), arg("bad_index") = std::uintptr_t(0),
+        arg("pos_stride_b") = int64_t(0), arg("pos_stride_p") = int64_t(0));
   m.def("soft_prompt_weight_bwd", &soft_prompt_weight_bwd,
         "d_weight (fp32, zeroed by the caller) += word part of dout scattered by input_ids (fp32 atomics)",
         arg("d_weight"), arg("dout"), arg("dout_dtype"), arg("input_ids"), arg("bad_index"), arg("B"), arg("S"),
         arg("T"), arg("P"), arg("H"), arg("V"), arg("ids_stride_b"), arg("ids_stride_t"), arg("dout_stride_b"),
-        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"));
+        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"), arg("slots") = std::uintptr_t(0),
+        arg("slots_stride_b") = int64_t(0), arg("slots_stride_t") = int64_t(0));
   m.def("soft_prompt_weight_bwd_sorted", &soft_prompt_weight_bwd_sorted,
         "deterministic d_weight from stably sorted ids and their flat positions (zeroed by the caller)",
         arg("d_weight"), arg("weight_dtype"), arg("dout"), arg("dout_dtype"), arg("sorted_ids"), arg("order"),
         arg("bad_index"), arg("B"), arg("S"), arg("T"), arg("P"), arg("H"), arg("V"), arg("dout_stride_b"),
-        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"));
+        arg("dout_stride_s"), arg("dout_stride_h"), arg("stream"), arg("slots") = std::uintptr_t(0),
+        arg("slots_stride_b") = int64_t(0), arg("slots_stride_t") = int64_t(0));
   m.def("ia3_scale_grad", &ia3_scale_grad, "dl[n] = sum_m a[m, n] * b[m, n] in fp32; deterministic", arg("out"),
         arg("out_dtype"), arg("a"), arg("b"), arg("in_dtype"), arg("M"), arg("N"), arg("a_stride_m"),
         arg("a_stride_n"), arg("b_stride_m"), arg("b_stride_n"), arg("stream"));

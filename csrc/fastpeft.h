@@ -15,42 +15,52 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kThreads = 256;  // every kernel launches 256-thread blocks
 
 // out (B, P+T, H) contiguous  <-  table (N, P, H) rows picked by prompt_index (or shared when
-// prompt_index is null) and weight (V, H) rows picked by input_ids (B, T).
+// prompt_index is null) and weight (V, H) rows picked by input_ids (B, T).  Templated (slots not
+// null): out (B, T, H), out[b, t] = table[n, slots[b, t]] where slots[b, t] >= 0, else weight[input_ids[b, t]].
 struct SoftPromptFwdArgs {
   void* out;
   const void* weight;
   const void* table;
   const int64_t* input_ids;
   const int64_t* prompt_index;  // null: one shared prompt
+  const int64_t* slots;         // null: the prompt is prepended; else (B, T), -1 at a word
   int* bad_index;               // null or a device int set to 1 when an index is out of range
   int64_t B, T, P, H, V, N;
   int64_t ids_stride_b, ids_stride_t;
   int64_t weight_stride_v;
   int64_t table_stride_n, table_stride_p;
   int64_t pidx_stride;
+  int64_t slots_stride_b, slots_stride_t;
 };
 
-// d_table (N, P, H) or (P, H) contiguous  <-  prompt part of dout (B, S = P+T, H)
+// d_table (N, P, H) or (P, H) contiguous  <-  prompt part of dout (B, S = P+T, H); templated
+// (positions not null): dout (B, S = T, H) with virtual token p of row b at position positions[b, p]
 struct SoftPromptTableBwdArgs {
   void* d_table;
   const void* dout;
   const int64_t* prompt_index;  // null: shared prompt, sum over every row
-  int64_t B, P, H, N;
+  const int64_t* positions;     // null: token p at position p; else (B, P)
+  int* bad_index;               // null or a device int set to 1 when a position is out of range
+  int64_t B, S, P, H, N;
   int64_t dout_stride_b, dout_stride_s;
   int64_t pidx_stride;
+  int64_t pos_stride_b, pos_stride_p;
 };
 
-// d_weight (V, H) contiguous  <-  word part of dout, scattered by input_ids
+// d_weight (V, H) contiguous  <-  word part of dout (positions P..P+T-1; templated: P = 0 and the
+// positions whose slot is >= 0 skipped), scattered by input_ids
 struct SoftPromptWeightBwdArgs {
   void* d_weight;
   const void* dout;
   const int64_t* input_ids;    // atomic mode: (B, T) ids with strides
   const int64_t* sorted_ids;   // sorted mode: ids flattened and stably sorted
   const int64_t* order;        // sorted mode: flat position b*T + t of each sorted id
+  const int64_t* slots;        // templated (P = 0): (B, T), a position with slots >= 0 is skipped
   int* bad_index;
   int64_t B, T, P, H, V;
   int64_t ids_stride_b, ids_stride_t;
   int64_t dout_stride_b, dout_stride_s;
+  int64_t slots_stride_b, slots_stride_t;
 };
 
 // dl (N,) = sum_m a[m, n] * b[m, n] in fp32

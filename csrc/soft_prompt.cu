@@ -1,5 +1,6 @@
-// soft_prompt_embed kernels: the (B, P+T, H) input embeddings with a soft prompt in front,
-// written in one pass, and their two backwards (prompt table; word embeddings).
+// soft_prompt_embed kernels: the (B, P+T, H) input embeddings with a soft prompt in front, or
+// (templated, a slot map given) the (B, T, H) embeddings with the prompt's tokens at the template's
+// positions, written in one pass, and their two backwards (prompt table; word embeddings).
 //
 // Layout: every row is H contiguous elements (hidden stride 1).  VEC=true moves 16 bytes of
 // the output / gradient type per thread per step; the host picks it only when H and every row
@@ -10,6 +11,8 @@
 namespace fastpeft {
 
 // out[b, s] = s < P ? cast(table[prompt_index[b] (0 when shared), s]) : weight[input_ids[b, s-P]]
+// Templated (a.slots): out[b, t] = slots[b, t] >= 0 ? cast(table[n, slots[b, t]]) : weight[input_ids[b, t]];
+// the id at a prompt position (a marker) is never read.
 // One row per threadIdx.y; threadIdx.x strides over the row's vectors.  Saves nothing: the
 // backward needs only input_ids and prompt_index.  An out-of-range index zeroes its row and
 // raises *bad_index instead of reading outside the table.
@@ -17,7 +20,7 @@ template <typename out_t, typename tab_t, bool VEC>
 __global__ void __launch_bounds__(kThreads) soft_prompt_fwd_kernel(const SoftPromptFwdArgs a) {
   constexpr int W = vec_width<out_t, VEC>();
   const int64_t nvec = a.H / W;
-  const int64_t S = a.P + a.T;
+  const int64_t S = a.slots ? a.T : a.P + a.T;
   const int64_t rows = a.B * S;
   out_t* out = static_cast<out_t*>(a.out);
   const out_t* weight = static_cast<const out_t*>(a.weight);
@@ -28,11 +31,14 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_fwd_kernel(const SoftPro
     const int64_t b = row / S, s = row - b * S;
     out_t* dst = out + row * a.H;
     bool ok;
-    if (s < a.P) {
+    // the virtual token at this position (-1: a word) and the word's position in input_ids
+    const int64_t slot = a.slots ? a.slots[b * a.slots_stride_b + s * a.slots_stride_t] : (s < a.P ? s : -1);
+    const int64_t t = a.slots ? s : s - a.P;
+    if (slot >= 0) {
       const int64_t n = a.prompt_index ? a.prompt_index[b * a.pidx_stride] : 0;
-      ok = n >= 0 && n < a.N;
+      ok = n >= 0 && n < a.N && slot < a.P;
       if (ok) {
-        const tab_t* src = table + n * a.table_stride_n + s * a.table_stride_p;
+        const tab_t* src = table + n * a.table_stride_n + slot * a.table_stride_p;
         for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
           const Pack<tab_t, W> x = load_pack<tab_t, W>(src + j * W);
           Pack<out_t, W> y;
@@ -42,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_fwd_kernel(const SoftPro
         }
       }
     } else {
-      const int64_t id = a.input_ids[b * a.ids_stride_b + (s - a.P) * a.ids_stride_t];
+      const int64_t id = a.input_ids[b * a.ids_stride_b + t * a.ids_stride_t];
       ok = id >= 0 && id < a.V;
       if (ok) {
         const out_t* src = weight + id * a.weight_stride_v;
@@ -60,7 +66,8 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_fwd_kernel(const SoftPro
   }
 }
 
-// d_table[n, p, h] = sum_{b : prompt_index[b] == n (every b when shared)} dout[b, p, h], in fp32.
+// d_table[n, p, h] = sum_{b : prompt_index[b] == n (every b when shared)} dout[b, pos(b, p), h], in fp32,
+// pos(b, p) = p (prepended) or positions[b, p] (templated; out of range: flagged, the row skipped).
 // A block owns BX (p, h-vector) columns of one n; threadIdx.y strides over b and the partial
 // sums meet in shared memory in a fixed order: deterministic, no atomics, every output element
 // written exactly once (zeros for prompts no row uses).
@@ -83,10 +90,17 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_table_bwd_kernel(const S
       for (int k = 0; k < W; ++k) acc[k] = 0.f;
       if (active) {
         const int64_t p = col / nvec, j = col - p * nvec;
-        const g_t* src = dout + p * a.dout_stride_s + j * W;
         for (int64_t b = threadIdx.y; b < a.B; b += blockDim.y) {
           if (a.prompt_index && a.prompt_index[b * a.pidx_stride] != n) continue;
-          const Pack<g_t, W> x = load_pack<g_t, W>(src + b * a.dout_stride_b);
+          int64_t pos = p;
+          if (a.positions) {
+            pos = a.positions[b * a.pos_stride_b + p * a.pos_stride_p];
+            if (pos < 0 || pos >= a.S) {
+              flag_bad_index(a.bad_index);
+              continue;
+            }
+          }
+          const Pack<g_t, W> x = load_pack<g_t, W>(dout + b * a.dout_stride_b + pos * a.dout_stride_s + j * W);
 #pragma unroll
           for (int k = 0; k < W; ++k) acc[k] += to_float(x.v[k]);
         }
@@ -110,7 +124,8 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_table_bwd_kernel(const S
   }
 }
 
-// d_weight[input_ids[b, t], h] += dout[b, P + t, h] with fp32 atomics into a zeroed fp32 buffer.
+// d_weight[input_ids[b, t], h] += dout[b, P + t, h] with fp32 atomics into a zeroed fp32 buffer
+// (templated: P = 0, and a position whose slot is >= 0 is a virtual token: skipped, its id unread).
 // Fast; the summation order of repeated ids varies from run to run (not bitwise reproducible).
 template <typename g_t, bool VEC>
 __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_atomic_kernel(const SoftPromptWeightBwdArgs a) {
@@ -123,6 +138,7 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_atomic_kernel
   for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
        row += int64_t(gridDim.x) * blockDim.y) {
     const int64_t b = row / a.T, t = row - b * a.T;
+    if (a.slots && a.slots[b * a.slots_stride_b + t * a.slots_stride_t] >= 0) continue;
     const int64_t id = a.input_ids[b * a.ids_stride_b + t * a.ids_stride_t];
     if (id < 0 || id >= a.V) {
       if (threadIdx.x == 0) flag_bad_index(a.bad_index);
@@ -141,7 +157,8 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_atomic_kernel
 // Deterministic d_weight: ids arrive flattened and stably sorted (with their flat positions
 // b*T + t in `order`); the first occurrence of each id sums its whole run in sorted order in
 // fp32 and writes the row once, in the weight dtype.  Rows of unused ids keep the zeros the
-// caller allocated.  Bitwise reproducible; a very frequent id is summed by one block.
+// caller allocated.  Bitwise reproducible; a very frequent id is summed by one block.  Templated
+// (a.slots): positions whose slot is >= 0 are skipped wherever their (marker) id sorted to.
 template <typename g_t, typename w_t, bool VEC>
 __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_sorted_kernel(const SoftPromptWeightBwdArgs a) {
   constexpr int W = vec_width<g_t, VEC>();
@@ -153,8 +170,21 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_sorted_kernel
   for (int64_t i = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; i < rows; i += int64_t(gridDim.x) * blockDim.y) {
     const int64_t id = a.sorted_ids[i];
     if (i > 0 && a.sorted_ids[i - 1] == id) continue;  // not the first of its run
-    if (id < 0 || id >= a.V) {
+    const bool id_ok = id >= 0 && id < a.V;
+    if (!id_ok && !a.slots) {
       if (threadIdx.x == 0) flag_bad_index(a.bad_index);
+      continue;
+    }
+    if (!id_ok) {  // templated: an out-of-range id is an error only at a word position
+      for (int64_t r = i; r < rows && a.sorted_ids[r] == id; ++r) {
+        const int64_t pos = a.order[r];
+        if (pos < 0 || pos >= rows) {
+          if (threadIdx.x == 0) flag_bad_index(a.bad_index);
+          continue;
+        }
+        const int64_t b = pos / a.T, t = pos - b * a.T;
+        if (a.slots[b * a.slots_stride_b + t * a.slots_stride_t] < 0 && threadIdx.x == 0) flag_bad_index(a.bad_index);
+      }
       continue;
     }
     w_t* dst = d_weight + id * a.H;
@@ -169,6 +199,7 @@ __global__ void __launch_bounds__(kThreads) soft_prompt_weight_bwd_sorted_kernel
           continue;
         }
         const int64_t b = pos / a.T, t = pos - b * a.T;
+        if (a.slots && a.slots[b * a.slots_stride_b + t * a.slots_stride_t] >= 0) continue;  // a virtual token
         const Pack<g_t, W> x = load_pack<g_t, W>(dout + b * a.dout_stride_b + (a.P + t) * a.dout_stride_s + j * W);
 #pragma unroll
         for (int k = 0; k < W; ++k) acc[k] += to_float(x.v[k]);
@@ -198,7 +229,7 @@ cudaError_t launch_soft_prompt_fwd(const SoftPromptFwdArgs& a, int out_dtype, in
       using tab_t = decltype(tab_tag);
       const int W = vec ? int(16 / sizeof(out_t)) : 1;
       const dim3 block = row_block(a.H / W);
-      const unsigned grid = grid_for(a.B * (a.P + a.T), block.y);
+      const unsigned grid = grid_for(a.B * (a.slots ? a.T : a.P + a.T), block.y);
       if (vec)
         FASTPEFT_LAUNCH(grid, block, stream, a, soft_prompt_fwd_kernel<out_t, tab_t, true>);
       else

@@ -17,6 +17,7 @@ from .training import Trainer, train
 from .quant import prepare_model_for_kbit_training, quantize
 from . import optim
 from .ensemble import Ensemble, ensemble
+from .adapterhub import load_adapterhub_adapter, save_adapterhub_adapter
 
 __all__ = [
     "LoraConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PeftConfig",
@@ -26,4 +27,5 @@ __all__ = [
     "get_peft_model_state_dict", "set_peft_model_state_dict", "AutoPeftModel", "AutoPeftModelForCausalLM",
     "AutoPeftModelForSequenceClassification", "quantize", "prepare_model_for_kbit_training",
     "BottleneckConfig", "optim", "PeftModelForSeq2SeqLM", "ensemble", "Ensemble",
+    "load_adapterhub_adapter", "save_adapterhub_adapter",
 ]

@@ -131,19 +131,21 @@ def _deterministic() -> bool:
 # ---- soft_prompt_embed -------------------------------------------------------------------------
 
 def soft_prompt_forward(input_ids: torch.Tensor, embedding_weight: torch.Tensor, prompt_table: torch.Tensor,
-                        prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """out[b] = [prompt_table[prompt_index[b]] (or the shared (P, H) table) ; embedding_weight[input_ids[b]]]."""
+                        prompt_index: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b] = [prompt_table[prompt_index[b]] (or the shared (P, H) table) ; embedding_weight[input_ids[b]]];
+    with `slots` (B, T) (a template): out[b, t] = the prompt's token slots[b, t] where >= 0, else the word."""
     C = _lib()
     device = _on_cuda(input_ids=input_ids, embedding_weight=embedding_weight, prompt_table=prompt_table,
-                      prompt_index=prompt_index)
+                      prompt_index=prompt_index, slots=slots)
     B, T = input_ids.shape
     V, H = embedding_weight.shape
     P = prompt_table.shape[-2]
     shared = prompt_index is None
-    out = torch.empty((B, P + T, H), dtype=embedding_weight.dtype, device=device)
+    out = torch.empty((B, T if slots is not None else P + T, H), dtype=embedding_weight.dtype, device=device)
     if out.numel() == 0 or P == 0:
         from .ops.soft_prompt import reference_forward
-        return reference_forward(input_ids, embedding_weight, prompt_table, prompt_index)
+        return reference_forward(input_ids, embedding_weight, prompt_table, prompt_index, slots)
+    sl = None if slots is None else slots.long()
     ids = input_ids.long()
     weight = _hidden_contiguous(embedding_weight)
     table = _hidden_contiguous(prompt_table)
@@ -158,18 +160,28 @@ def soft_prompt_forward(input_ids: torch.Tensor, embedding_weight: torch.Tensor,
             weight_stride_v=weight.stride(0), weight_stride_h=weight.stride(1),
             table_stride_n=0 if shared else table.stride(0), table_stride_p=table.stride(-2),
             table_stride_h=table.stride(-1), pidx_stride=0 if shared else pidx.stride(0),
-            stream=torch.cuda.current_stream(device).cuda_stream)
+            stream=torch.cuda.current_stream(device).cuda_stream, **_slot_args(sl))
     _assert_indices(flag, "soft_prompt_embed")
     return out
 
 
+def _slot_args(slots: torch.Tensor | None) -> dict:
+    """The templated kernels' slot-map arguments (none for the prepended layout: the bindings' defaults)."""
+    if slots is None:
+        return {}
+    return dict(slots=slots.data_ptr(), slots_stride_b=slots.stride(0), slots_stride_t=slots.stride(1))
+
+
 def soft_prompt_backward(dout: torch.Tensor, input_ids: torch.Tensor, prompt_index: torch.Tensor | None,
-                         num_prompts: int, prompt_dtype: torch.dtype) -> torch.Tensor:
-    """Prompt-table gradient: (P, H) summed over rows, or (N, P, H) scattered by prompt_index (fp32 sums)."""
+                         num_prompts: int, prompt_dtype: torch.dtype,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt-table gradient: (P, H) summed over rows, or (N, P, H) scattered by prompt_index (fp32 sums);
+    templated: virtual token p of row b read from dout position positions[b, p] ((B, P), see
+    `fastpeft.ops.soft_prompt.prompt_positions_of`)."""
     C = _lib()
-    device = _on_cuda(dout=dout, input_ids=input_ids, prompt_index=prompt_index)
+    device = _on_cuda(dout=dout, input_ids=input_ids, prompt_index=prompt_index, positions=positions)
     B, S, H = dout.shape
-    P = S - input_ids.shape[1]
+    P = S - input_ids.shape[1] if positions is None else positions.shape[1]
     shape = (P, H) if prompt_index is None else (num_prompts, P, H)
     if B == 0 or P == 0 or num_prompts == 0:
         return torch.zeros(shape, dtype=prompt_dtype, device=device)
@@ -177,27 +189,37 @@ def soft_prompt_backward(dout: torch.Tensor, input_ids: torch.Tensor, prompt_ind
     out_dtype = prompt_dtype if prompt_dtype in DTYPE_CODES else torch.float32
     d_table = torch.empty(shape, dtype=out_dtype, device=device)
     pidx = None if prompt_index is None else prompt_index.long()
+    extra, flag = {}, None
+    if positions is not None:
+        pos = positions.long()
+        flag = _index_flag(device)
+        extra = dict(positions=pos.data_ptr(), bad_index=_ptr(flag), pos_stride_b=pos.stride(0),
+                     pos_stride_p=pos.stride(1))
     with torch.cuda.device(device):
         C.soft_prompt_table_bwd(
             d_table=d_table.data_ptr(), table_dtype=_code(out_dtype, "prompt_table"), dout=dout.data_ptr(),
             dout_dtype=_code(dout, "dout"), prompt_index=_ptr(pidx), B=B, S=S, P=P, H=H,
             N=1 if pidx is None else num_prompts, dout_stride_b=dout.stride(0), dout_stride_s=dout.stride(1),
             dout_stride_h=dout.stride(2), pidx_stride=0 if pidx is None else pidx.stride(0),
-            stream=torch.cuda.current_stream(device).cuda_stream)
+            stream=torch.cuda.current_stream(device).cuda_stream, **extra)
+    _assert_indices(flag, "soft_prompt_embed backward")
     return d_table.to(prompt_dtype)
 
 
 def soft_prompt_embedding_backward(dout: torch.Tensor, input_ids: torch.Tensor, num_words: int,
-                                   weight_dtype: torch.dtype, deterministic: bool | None = None) -> torch.Tensor:
-    """Word-embedding gradient (V, H) from the word part of dout.
+                                   weight_dtype: torch.dtype, deterministic: bool | None = None,
+                                   slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Word-embedding gradient (V, H) from the word part of dout (templated, `slots` given: dout has T
+    positions and those with slots >= 0 are virtual tokens, skipped).
 
     deterministic (default: torch.are_deterministic_algorithms_enabled() or
     FASTPEFT_DETERMINISTIC=1) sorts the ids and sums each id's rows in a fixed order; otherwise
     fp32 atomics scatter the rows (faster, not bitwise reproducible)."""
     C = _lib()
-    device = _on_cuda(dout=dout, input_ids=input_ids)
+    device = _on_cuda(dout=dout, input_ids=input_ids, slots=slots)
     B, S, H = dout.shape
     T = input_ids.shape[1]
+    sl = None if slots is None else slots.long()
     if B == 0 or T == 0:
         return torch.zeros((num_words, H), dtype=weight_dtype, device=device)
     dout = _hidden_contiguous(dout)
@@ -205,7 +227,7 @@ def soft_prompt_embedding_backward(dout: torch.Tensor, input_ids: torch.Tensor, 
     flag = _index_flag(device)
     stream = torch.cuda.current_stream(device).cuda_stream
     sizes = dict(B=B, S=S, T=T, P=S - T, H=H, V=num_words, dout_stride_b=dout.stride(0),
-                 dout_stride_s=dout.stride(1), dout_stride_h=dout.stride(2))
+                 dout_stride_s=dout.stride(1), dout_stride_h=dout.stride(2), **_slot_args(sl))
     with torch.cuda.device(device):
         if deterministic if deterministic is not None else _deterministic():
             out_dtype = weight_dtype if weight_dtype in DTYPE_CODES else torch.float32

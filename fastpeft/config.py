@@ -397,6 +397,19 @@ class PrefixTuningConfig(PromptLearningConfig):
                                            "prefix_projection": _bool}
 
 
+def _token_id(v: Any) -> int:
+    if not _is_int(v) or v < 0:
+        raise _Bad("a token id (an integer >= 0)")
+    return v
+
+
+# Templates (P-tuning's pseudo tokens anywhere in the input, e.g. [P][P][P] Britain [P][P][P] [MASK]): with
+# prompt_token_id set, every occurrence of that id in input_ids is a virtual-token position (exactly
+# num_virtual_tokens per row, filled in order) and nothing is prepended; a forward's `prompt_positions` mask
+# does the same per call.  A fastpeft option: written to adapter_config.json only when set.
+_TEMPLATE_CHECKS: dict[str, Check] = {"prompt_token_id": _optional(_token_id)}
+
+
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
@@ -412,8 +425,10 @@ class PromptTuningConfig(PromptLearningConfig):
     # SAMPLE_VOCAB (and CLASS_LABELS' fill) from token ids [0, k) (the paper: the 5,000 most common
     # tokens, i.e. the first ids of a frequency-ordered SentencePiece vocabulary) instead of the whole vocabulary
     prompt_tuning_vocab_top_k: int | None = None
+    # templates: the marker id of the virtual-token positions (see _TEMPLATE_CHECKS)
+    prompt_token_id: int | None = None
 
-    _checks: ClassVar[dict[str, Check]] = {
+    _checks: ClassVar[dict[str, Check]] = {**_TEMPLATE_CHECKS,
         "prompt_tuning_init": _choice(*(m.value for m in PromptTuningInit)),
         "prompt_tuning_init_text": _optional(_str), "tokenizer_name_or_path": _optional(_str),
         "tokenizer_kwargs": _optional(_pattern(lambda v: v, "any value")),
@@ -422,7 +437,7 @@ class PromptTuningConfig(PromptLearningConfig):
         "prompt_tuning_vocab_top_k": _optional(_positive_int),
     }
     _fastpeft_fields: ClassVar[tuple[str, ...]] = ("prompt_tuning_class_labels", "prompt_tuning_init_range",
-                                                   "prompt_tuning_vocab_top_k")
+                                                   "prompt_tuning_vocab_top_k", "prompt_token_id")
 
     def __post_init__(self):
         super().__post_init__()
@@ -446,19 +461,31 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
+    # templates: the marker id of the virtual-token positions (see _TEMPLATE_CHECKS)
+    prompt_token_id: int | None = None
 
-    _checks: ClassVar[dict[str, Check]] = {
+    _checks: ClassVar[dict[str, Check]] = {**_TEMPLATE_CHECKS,
         "encoder_reparameterization_type": _choice("MLP", "LSTM", "PAPER_LSTM"),
         "encoder_hidden_size": _optional(_positive_int),
         "encoder_num_layers": _positive_int, "encoder_dropout": _probability,
     }
+    _fastpeft_fields: ClassVar[tuple[str, ...]] = ("prompt_token_id",)
 
 
 @dataclass
 class BottleneckConfig(PeftConfig):
     """Bottleneck adapters (Houlsby: mh_adapter and output_adapter; Pfeiffer: output_adapter only):
-    y = h + up(act(down(h))) after the attention and/or feed-forward block.  Not a PEFT method: the
-    fields follow AdapterHub's BnConfig names.  init_weights 'identity' makes a fresh adapter y = h."""
+    y = r + up(act(down(s))) after the attention and/or feed-forward block.  Not a PEFT method: the
+    fields follow AdapterHub's BnConfig names and meaning.  init_weights 'identity' makes a fresh adapter
+    y = h.
+
+    With h the sub-block's output and x its residual input (AdapterHub's `pre_forward`):
+    original_ln_before=False (AdapterHub's DoubleSeqBnConfig, Houlsby): s = r = h.
+    original_ln_before=True (AdapterHub's SeqBnConfig, Pfeiffer): s = LN(h + x) on post-LN models
+    (BERT / RoBERTa: LN is the block's own LayerNorm), s = h + x on pre-LN ones (Llama, ...); the
+    adapter's residual r is h with residual_before_ln=True, s with residual_before_ln=False.
+    residual_before_ln only matters with original_ln_before=True.  The block's own residual and
+    LayerNorm follow (original_ln_after: LN(y + x) on post-LN models, x + y on pre-LN ones)."""
     peft_type: ClassVar[PeftType] = PeftType.BOTTLENECK
     reduction_factor: int = 16
     bottleneck_size: int | None = None
@@ -466,12 +493,13 @@ class BottleneckConfig(PeftConfig):
     mh_adapter: bool = False
     output_adapter: bool = True
     residual_before_ln: bool = True
+    original_ln_before: bool = False
     init_weights: str = "identity"
     target_modules: list[str] | str | None = None
 
     _checks: ClassVar[dict[str, Check]] = {
         "reduction_factor": _positive_int, "bottleneck_size": _optional(_positive_int), "non_linearity": _str,
-        "mh_adapter": _bool, "output_adapter": _bool, "residual_before_ln": _bool,
+        "mh_adapter": _bool, "output_adapter": _bool, "residual_before_ln": _bool, "original_ln_before": _bool,
         "init_weights": _choice("identity", "bert", "random"), "target_modules": _names,
     }
 
@@ -480,8 +508,6 @@ class BottleneckConfig(PeftConfig):
         from .ops.bottleneck import canonical_activation
 
         canonical_activation(self.non_linearity)  # raises, naming the supported ones
-        if not self.residual_before_ln:
-            raise NotImplementedError("BottleneckConfig(residual_before_ln=False) is not supported by fastpeft yet")
 
 
 CONFIG_MAPPING: dict[str, type[PeftConfig]] = {

@@ -367,6 +367,7 @@ class PeftModel(nn.Module):
 
             if self._adapters_disabled:
                 kwargs.pop("prompt_index", None)
+                kwargs.pop("prompt_positions", None)  # the base model alone: no virtual tokens to place
                 return self.base_model(*args, **kwargs)
             return prompt_learning.forward(self, *args, **kwargs)
         return self.base_model(*args, **kwargs)
@@ -379,6 +380,7 @@ class PeftModel(nn.Module):
 
             if self._adapters_disabled:
                 kwargs.pop("prompt_index", None)
+                kwargs.pop("prompt_positions", None)  # the base model alone: no virtual tokens to place
                 return self.base_model.generate(*args, **kwargs)
             return prompt_learning.generate(self, *args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
@@ -747,6 +749,9 @@ def _check_prompt_geometry(model: nn.Module, config: PeftConfig) -> None:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    release = getattr(getattr(parent, child, None), "_fastpeft_release", None)
+    if callable(release):  # e.g. a BottleneckWrapper's hook on its layer's norm
+        release()
     setattr(parent, child, module)
 
 

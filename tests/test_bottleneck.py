@@ -264,3 +264,177 @@ def test_bf16_autocast_trains_fp32_adapter():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- AdapterHub's placements
+# original_ln_before / residual_before_ln (AdapterHub's Adapter.pre_forward), on a pre-LN decoder (Llama)
+# and a post-LN encoder (BERT), against plain torch written out by hand.
+def tiny_bert(seed):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    with torch.no_grad():  # norms away from weight 1 / bias 0: where an LN sits must matter
+        for n, p in model.named_parameters():
+            if "norm" in n.lower():
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _hand_adapter(h, x, weights, act, original_ln_before, residual_before_ln, ln=None):
+    """AdapterHub's pre_forward + forward: s = [LN](h + x) with original_ln_before, else h; the residual is
+    h (residual_before_ln) or s; out = up(act(down(s))) + residual."""
+    wd, bd, wu, bu = weights
+    s = h
+    if original_ln_before:
+        s = h + x
+        if ln is not None:
+            s = ln(s)
+    r = h if residual_before_ln else s
+    f = {"relu": torch.relu, "silu": torch.nn.functional.silu}[act]
+    return torch.nn.functional.linear(f(torch.nn.functional.linear(s, wd, bd)), wu, bu) + r
+
+
+def _cloned_weights(model):
+    """{wrapper name: (W_d, b_d, W_u, b_u)} copies (leaf tensors) of each wrapper's active adapter."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BottleneckWrapper):
+            a = m.bottleneck_adapters[m.active_adapters[0]]
+            out[name] = [t.detach().clone().requires_grad_() for t in (a.down.weight, a.down.bias, a.up.weight,
+                                                                       a.up.bias)]
+    return out
+
+
+def _hand_llama(base, weights, act, olnb, rbl):
+    import types
+
+    twin = copy.deepcopy(base)
+    for i, layer in enumerate(twin.model.layers):
+        w_attn = weights.get(f"model.layers.{i}.self_attn")
+        w_mlp = weights[f"model.layers.{i}.mlp"]
+
+        def forward(self, hidden_states, *args, _wa=w_attn, _wm=w_mlp, **kwargs):
+            residual = hidden_states  # AdapterHub's LlamaDecoderLayerWithAdapters.forward
+            h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), *args, **kwargs)
+            if _wa is not None:
+                h = _hand_adapter(h, residual, _wa, act, olnb, rbl)
+            hidden_states = h + residual
+            residual = hidden_states
+            h = self.mlp(self.post_attention_layernorm(hidden_states))
+            return _hand_adapter(h, residual, _wm, act, olnb, rbl) + residual
+
+        layer.forward = types.MethodType(forward, layer)
+    return twin
+
+
+def _hand_bert(base, weights, act, olnb, rbl):
+    import types
+
+    twin = copy.deepcopy(base)
+    for i, layer in enumerate(twin.bert.encoder.layer):
+        for block, key in ((layer.attention.output, f"bert.encoder.layer.{i}.attention.output"),
+                           (layer.output, f"bert.encoder.layer.{i}.output")):
+            w = weights.get(key)
+
+            def forward(self, hidden_states, input_tensor, _w=w):
+                h = self.dropout(self.dense(hidden_states))  # AdapterHub's BertOutputWithAdapters
+                if _w is not None:
+                    h = _hand_adapter(h, input_tensor, _w, act, olnb, rbl, ln=self.LayerNorm)
+                return self.LayerNorm(h + input_tensor)
+
+            block.forward = types.MethodType(forward, block)
+    return twin
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("olnb,rbl", [(True, False), (True, True), (False, False)])
+def test_adapterhub_placement_matches_hand_written_torch(family, olnb, rbl):
+    base = tiny_llama(seed=21) if family == "llama" else tiny_bert(seed=21)
+    act = "relu" if olnb else "silu"
+    cfg = fastpeft.BottleneckConfig(bottleneck_size=6, mh_adapter=True, non_linearity=act, init_weights="random",
+                                    original_ln_before=olnb, residual_before_ln=rbl)
+    torch.manual_seed(22)
+    model = fastpeft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    n_wrappers = sum(isinstance(m, BottleneckWrapper) for m in model.modules())
+    assert n_wrappers == 4
+    weights = _cloned_weights(model.base_model.model)
+    twin = (_hand_llama if family == "llama" else _hand_bert)(base, weights, act, olnb, rbl)
+    ids = torch.randint(1, 97, (2, 9))
+    ours = model(input_ids=ids, labels=ids)
+    ref = twin(input_ids=ids, labels=ids)
+    assert _err(ours.logits, ref.logits) <= 1e-5
+    assert _err(ours.logits, base(input_ids=ids).logits) > 1e-2
+    ours.loss.backward()
+    ref.loss.backward()
+    for name, ws in weights.items():  # gradients too (the residual != input path is plain torch)
+        a = model.base_model.model.get_submodule(name).bottleneck_adapters["default"]
+        for p, q in zip((a.down.weight, a.down.bias, a.up.weight, a.up.bias), ws):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    # residual_before_ln only matters with original_ln_before, as in AdapterHub
+    flipped = copy.deepcopy(model)
+    for m in flipped.modules():
+        if isinstance(m, BottleneckWrapper):
+            m.bottleneck_adapters["default"].residual_before_ln = not rbl
+    diff = _err(flipped(input_ids=ids).logits, ours.logits)
+    assert (diff > 1e-3) if olnb else (diff == 0.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_adapterhub_placements_mixed_batches_unload_and_copy(family):
+    base = tiny_llama(seed=23) if family == "llama" else tiny_bert(seed=23)
+    model = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.BottleneckConfig(
+        bottleneck_size=5, init_weights="random", original_ln_before=True))
+    model.add_adapter("b", fastpeft.BottleneckConfig(bottleneck_size=4, init_weights="random", mh_adapter=True,
+                                                     original_ln_before=True, residual_before_ln=False))
+    model.add_adapter("c", fastpeft.BottleneckConfig(bottleneck_size=3, init_weights="random"))
+    model.eval()
+    ids = torch.randint(1, 97, (4, 7))
+    names = ["b", "default", "__base__", "c"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        per = {}
+        for name in ("default", "b", "c"):
+            model.set_adapter(name)
+            per[name] = model(input_ids=ids).logits
+        per["__base__"] = base(input_ids=ids).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=1e-6)
+        assert min(_err(per[a], per[b]) for a, b in (("b", "default"), ("default", "c"), ("c", "__base__"))) > 1e-3
+        twin = copy.deepcopy(model)  # the norm hooks follow the copy (bound to the copied wrappers)
+        torch.testing.assert_close(twin(input_ids=ids).logits, per["c"], atol=0, rtol=0)
+        twin.set_adapter("b")
+        torch.testing.assert_close(twin(input_ids=ids).logits, per["b"], atol=0, rtol=0)
+    plain = model.unload()
+    assert not any(isinstance(m, BottleneckWrapper) for m in plain.modules())
+    assert all(not m._forward_pre_hooks for m in plain.modules())  # no hook left on the norms
+    torch.testing.assert_close(plain(input_ids=ids).logits, per["__base__"], atol=0, rtol=0)
+
+
+def test_original_ln_before_needs_a_known_residual():
+    with pytest.raises(ValueError, match="original_ln_before"):
+        fastpeft.get_peft_model(tiny_t5(seed=0), fastpeft.BottleneckConfig(original_ln_before=True))
+    with pytest.raises(ValueError, match="original_ln_before"):
+        fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.BottleneckConfig(original_ln_before=True,
+                                                                                target_modules=["o_proj"]))
+
+
+def test_original_ln_before_saves_and_loads_in_fastpeft_format(tmp_path):
+    base = tiny_bert(seed=24)
+    cfg = fastpeft.BottleneckConfig(bottleneck_size=4, init_weights="random", original_ln_before=True,
+                                    residual_before_ln=False, mh_adapter=True)
+    model = fastpeft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    ids = torch.randint(1, 97, (2, 6))
+    want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = fastpeft.PeftConfig.from_pretrained(tmp_path)
+    assert saved.original_ln_before is True and saved.residual_before_ln is False
+    loaded = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)

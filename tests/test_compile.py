@@ -283,29 +283,41 @@ def test_qlora_compiles(one_thread):
     _no_recompile(compiled, [lambda c: c(ids).backward()] * 2)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ptuning-mlp", "template"])
 def test_compiled_generate_with_a_static_cache(method, one_thread):
-    """generate() with a static cache and a compiled forward (transformers' compile_config, fullgraph):
-    token for token the eager dynamic-cache result for LoRA and IA3; the prompt methods, whose positions
-    and visibility assume a dynamic cache, refuse a static one by name instead of decoding wrong."""
+    """generate() with a static cache and a compiled forward (transformers' compile_config, fullgraph), a
+    left-padded row in the batch: token for token the eager dynamic-cache result for every method: LoRA,
+    IA3, prefix tuning (the attention leaves the cache's unwritten slots out), prompt tuning and P-tuning
+    (the preallocated cache sized for the prompt too) and a template."""
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
-    cfg = {"lora": CONFIGS["lora"], "ia3": CONFIGS["ia3"], "prefix": CONFIGS["prefix"], "prompt": CONFIGS["prompt"]}
+    cfg = {"template": lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                           prompt_token_id=96), **CONFIGS}
     model = fastpeft.get_peft_model(tiny_llama(seed=0), cfg[method]()).eval()
-    ids = torch.randint(1, 97, (2, 5))
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if model.is_prompt_learning:  # a prompt far from the fresh init, so that a misplaced one shows
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 90, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    if method == "template":
+        ids[:, 2] = ids[:, 4:6] = 96  # three pseudo tokens in two segments
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     compile_config = transformers.CompileConfig(backend="aot_eager", fullgraph=True)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     torch._dynamo.utils.counters.clear()  # the assertion below counts this test's compilation only
     with torch.no_grad():
         want = model.generate(input_ids=ids, **kw)
-        if method in ("prefix", "prompt"):
-            with pytest.raises(NotImplementedError, match="dynamic KV cache"):
-                model.generate(input_ids=ids, cache_implementation="static", **kw)
-            return
+        eager = model.generate(input_ids=ids, cache_implementation="static", **kw)
         got = model.generate(input_ids=ids, cache_implementation="static", compile_config=compile_config, **kw)
+    assert torch.equal(eager, want)
     assert torch.equal(got, want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled
+    if model.is_prompt_learning:  # the prompt matters to these tokens: the check above can fail
+        with torch.no_grad(), model.disable_adapter():
+            plain = model.generate(input_ids=ids, **kw)
+        assert not torch.equal(plain, want)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])

@@ -6,7 +6,8 @@ import torch
 
 from fastpeft import _cext, backend
 from fastpeft.ops import soft_prompt_embed
-from fastpeft.ops.soft_prompt import reference_backward, reference_embedding_backward, reference_forward
+from fastpeft.ops.soft_prompt import (prompt_positions_of, reference_backward, reference_embedding_backward,
+                                      reference_forward, template_slots)
 
 from tests.utils import assert_close, build_emulated_cext
 from tests.utils import cext_on_cpu as _cext_on_cpu
@@ -284,6 +285,107 @@ def test_emulated_kernels_flag_bad_indices(cext_on_cpu):
         with pytest.raises(RuntimeError, match="out of range"):
             cext_on_cpu.soft_prompt_embedding_backward(torch.randn(1, 5, 16), torch.tensor([[1, -1, 2]]), 10,
                                                        torch.float32, deterministic)
+
+
+def make_template(B, T, P, V, device, marker=None):
+    """(input_ids, slots): P prompt positions per row in random places (marker ids there, by default
+    outside the vocabulary: the kernels must never read them), random words elsewhere."""
+    marker = V + 3 if marker is None else marker
+    input_ids = torch.randint(0, V, (B, T))
+    for b in range(B):
+        input_ids[b, torch.randperm(T)[:P]] = marker
+    slots = template_slots(P, input_ids, prompt_token_id=marker)
+    return input_ids.to(device), slots.to(device)
+
+
+def check_templated(fwd, table_bwd, weight_bwd, shape, dtype, table_dtype, device, shared, deterministic_modes):
+    """A backend's templated kernels (forward, table backward, word backward) against the reference."""
+    B, T, P, H, V, N = shape
+    input_ids, slots = make_template(B, T, P, V, device)
+    _, weight, table, prompt_index = make_inputs(B, T, P, H, V, N, dtype, table_dtype, device, shared)
+    out = fwd(input_ids, weight, table, prompt_index, slots)
+    assert out.shape == (B, T, H) and torch.equal(out, reference_forward(input_ids, weight, table, prompt_index, slots))
+    dout = torch.randn_like(out)
+    num_prompts = 1 if shared else N
+    positions = prompt_positions_of(slots, P)
+    d_table = table_bwd(dout, input_ids, prompt_index, num_prompts, table_dtype, positions)
+    want = reference_backward(dout, input_ids, prompt_index, num_prompts, table_dtype, positions)
+    assert d_table.dtype == table_dtype
+    assert_close(d_table, want, table_dtype, what=f"templated d_table shared={shared}")
+    want = reference_embedding_backward(dout, input_ids, V, dtype, slots)
+    for deterministic in deterministic_modes:
+        d_weight = weight_bwd(dout, input_ids, V, dtype, deterministic, slots)
+        assert_close(d_weight, want, dtype, what=f"templated d_weight deterministic={deterministic}")
+    # the reference against float64 math: the hand-written row-by-row meaning
+    rows = []
+    for b in range(B):
+        prompt = table if prompt_index is None else table[int(prompt_index[b])]
+        rows.append(torch.stack([prompt[int(s)].to(dtype) if s >= 0 else weight[int(i)]
+                                 for i, s in zip(input_ids[b], slots[b])]))
+    assert torch.equal(out, torch.stack(rows))
+
+
+TEMPLATE_SHAPES = [(2, 9, 4, 128, 50, 3), (3, 16, 8, 100, 64, 4), (1, 5, 3, 37, 11, 2), (4, 6, 6, 64, 10, 3),
+                   (9, 40, 2, 8, 7, 5)]
+
+
+@pytest.mark.parametrize("shape", TEMPLATE_SHAPES, ids=lambda s: "B{}T{}P{}H{}".format(*s[:4]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_templated_kernels_match_reference(cext_on_cpu, shape, dtype):
+    """Templates (the prompt's tokens at slot positions, marker ids never read) in the CUDA kernels' logic."""
+    for shared in (True, False):
+        for table_dtype in (dtype, torch.float32):
+            check_templated(cext_on_cpu.soft_prompt_forward,
+                            lambda *a: cext_on_cpu.soft_prompt_backward(*a[:5], positions=a[5]),
+                            lambda *a: cext_on_cpu.soft_prompt_embedding_backward(*a[:5], slots=a[5]),
+                            shape, dtype, table_dtype, "cpu", shared, (True, False))
+
+
+def test_emulated_templated_kernels_flag_bad_indices(cext_on_cpu):
+    """A word id out of range is flagged; a marker id out of range at a prompt position is not an error."""
+    weight, table = torch.randn(10, 16), torch.randn(2, 16)
+    slots = torch.tensor([[0, -1, 1, -1]])
+    out = cext_on_cpu.soft_prompt_forward(torch.tensor([[999, 3, -7, 4]]), weight, table, None, slots)
+    assert torch.equal(out, reference_forward(torch.tensor([[0, 3, 0, 4]]), weight, table, None, slots))
+    with pytest.raises(RuntimeError, match="out of range"):
+        cext_on_cpu.soft_prompt_forward(torch.tensor([[999, 30, 1, 4]]), weight, table, None, slots)
+    dout = torch.randn(1, 4, 16)
+    for deterministic in (True, False):
+        d = cext_on_cpu.soft_prompt_embedding_backward(dout, torch.tensor([[999, 3, -7, 4]]), 10, torch.float32,
+                                                       deterministic, slots=slots)
+        assert_close(d, reference_embedding_backward(dout, torch.tensor([[0, 3, 0, 4]]), 10, torch.float32, slots))
+        with pytest.raises(RuntimeError, match="out of range"):
+            cext_on_cpu.soft_prompt_embedding_backward(dout, torch.tensor([[999, 30, -7, 4]]), 10, torch.float32,
+                                                       deterministic, slots=slots)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cext_on_cpu.soft_prompt_backward(dout, torch.tensor([[1, 2, 3, 4]]), None, 1, torch.float32,
+                                         positions=torch.tensor([[0, 4]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", TEMPLATE_SHAPES[:3], ids=lambda s: "B{}T{}P{}H{}".format(*s[:4]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_templated_kernels_match_reference(shape, dtype):
+    _require_cuda_backend()
+    for shared in (True, False):
+        check_templated(_cext.soft_prompt_forward,
+                        lambda *a: _cext.soft_prompt_backward(*a[:5], positions=a[5]),
+                        lambda *a: _cext.soft_prompt_embedding_backward(*a[:5], slots=a[5]),
+                        shape, dtype, torch.float32, "cuda", shared, (True, False))
+    # through the op: the cuda backend chosen, templated gradients into the table and the embeddings
+    B, T, P, H, V, N = shape
+    input_ids, slots = make_template(B, T, P, V, "cuda")
+    _, weight, table, prompt_index = make_inputs(B, T, P, H, V, N, dtype, torch.float32, "cuda", False)
+    weight.requires_grad_(True)
+    table.requires_grad_(True)
+    out = soft_prompt_embed(input_ids, weight, table, prompt_index, slots=slots)
+    assert backend.last_backend(OP) == "cuda"
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    positions = prompt_positions_of(slots, P)
+    assert_close(table.grad, reference_backward(dout, input_ids, prompt_index, N, torch.float32, positions),
+                 torch.float32)
+    assert_close(weight.grad, reference_embedding_backward(dout, input_ids, V, dtype, slots), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

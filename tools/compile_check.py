@@ -51,7 +51,8 @@ from dataclasses import asdict, dataclass, field
 # the interpreter swaps in one small config per kernel: the compiled configs are the point here
 os.environ.pop("TRITON_INTERPRET", None)
 
-KERNEL_MODULES = ("fastpeft.kernels.adapted_linear", "fastpeft.kernels.prefix_attention")
+KERNEL_MODULES = ("fastpeft.kernels.adapted_linear", "fastpeft.kernels.prefix_attention",
+                  "fastpeft.kernels.soft_prompt")
 # largest dynamic shared memory one program (CTA) may use: cudaDevAttrMaxSharedMemoryPerBlockOptin
 SMEM_LIMIT = {90: 232448, 80: 166912}
 ARCH_NAME = {90: "sm_90a (H100)", 80: "sm_80 (A100)"}
@@ -210,6 +211,32 @@ def _prefix(rec, dtype, d, *, causal=True, mask=True, index=False, t=512, s=None
         pa.backward(torch.empty_like(out), q, k, v, pk, pv, am, pidx, out, lse, causal, scale)
 
 
+def _soft_prompt(rec, dtype, *, templated=False, index=False, b=8, t=512, p=20, h=4096, v=32000):
+    import torch
+
+    from fastpeft.kernels import soft_prompt as sp
+
+    ids = torch.zeros(b, t, dtype=torch.long)
+    w = _t(v, h, dtype=dtype)
+    table = _t(*((3, p, h) if index else (p, h)), dtype="fp32")
+    pidx = torch.zeros(b, dtype=torch.long) if index else None
+    slots = None
+    positions = None
+    if templated:  # the virtual tokens in two segments among the words
+        slots = torch.full((b, t), -1, dtype=torch.long)
+        slots[:, 1:1 + p // 2] = torch.arange(p // 2)
+        slots[:, 7:7 + p - p // 2] = torch.arange(p // 2, p)
+        positions = torch.cat([torch.arange(1, 1 + p // 2), torch.arange(7, 7 + p - p // 2)]).expand(b, p)
+    base = rec.phase
+    rec.phase = f"{base}/fwd"
+    out = sp.soft_prompt_forward(ids, w, table, pidx, slots)
+    rec.phase = f"{base}/bwd table"
+    sp.soft_prompt_table_backward(torch.empty_like(out), ids, pidx, 3 if index else 1, table.dtype, positions)
+    for det in (False, True):
+        rec.phase = f"{base}/bwd words {'sorted' if det else 'atomic'}"
+        sp.soft_prompt_embedding_backward(torch.empty_like(out), ids, v, w.dtype, deterministic=det, slots=slots)
+
+
 @contextlib.contextmanager
 def _fp32_precision(mode):
     import torch
@@ -251,6 +278,10 @@ SCENARIOS = [
     ("prefix fp32 d128 causal mask", None, "lightest", lambda rec: _prefix(rec, "fp32", 128)),
     ("prefix bf16 d128 decode T=1", None, "all",
      lambda rec: _prefix(rec, "bf16", 128, causal=False, t=1, s=512, backward=False)),
+    # soft prompts in the embedding gather: prepended (PEFT's layout) and templated (P-tuning), mixed tasks
+    ("soft prompt bf16 prepend", "all", "all", lambda rec: _soft_prompt(rec, "bf16")),
+    ("soft prompt fp16 template idx", None, "all", lambda rec: _soft_prompt(rec, "fp16", templated=True, index=True)),
+    ("soft prompt fp32 template", None, "all", lambda rec: _soft_prompt(rec, "fp32", templated=True)),
 ]
 
 

@@ -38,11 +38,14 @@ class PrefixState:
 # trace, which cannot trace ContextVar.set, a plain stack that the compiled graph sets and reads.
 _STATE: contextvars.ContextVar[PrefixState | None] = contextvars.ContextVar("fastpeft_prefix_state", default=None)
 _TRACED: list[PrefixState] = []
+_EAGER: list[PrefixState] = []  # the eager contexts' states, for a compiled forward called inside one
 
 
 def _active(config: Any) -> PrefixState | None:
     if torch.compiler.is_compiling():
-        state = _TRACED[-1] if _TRACED else None
+        # a prefix set inside the traced region, else one set in eager around a compiled forward (generate
+        # with a compiled model: the state is a constant of the graph, guarded)
+        state = _TRACED[-1] if _TRACED else _EAGER[-1] if _EAGER else None
     else:
         state = _STATE.get()
     if state is None or (config is not None and not any(c is config for c in state.configs)):
@@ -63,9 +66,11 @@ def prefix_context(kv: torch.Tensor, index: torch.Tensor | None, config: Any) ->
             _TRACED.pop()
         return
     token = _STATE.set(state)
+    _EAGER.append(state)
     try:
         yield
     finally:
+        _EAGER.remove(state)
         _STATE.reset(token)
 
 
@@ -97,7 +102,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                          f"(PrefixTuningConfig.num_layers)")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"prefix tuning needs a 2-D padding mask, got a {attention_mask.dim()}-D attention "
-                                  "mask (custom 4-D masks and static caches are not supported)")
+                                  "mask (custom 4-D masks are not supported)")
+    if attention_mask is not None and attention_mask.shape[1] < key.shape[2]:
+        # a preallocated (static) cache: its slots past the tokens written so far hold nothing yet; the padding
+        # mask covers exactly the written ones (a shape, not a value: no host read, traceable)
+        written = attention_mask.shape[1]
+        key, value = key[:, :, :written], value[:, :, :written]
     window = kwargs.get("sliding_window")
     P = state.kv.shape[-2]
     if window is not None and key.shape[2] + P > window:
@@ -122,6 +132,8 @@ def mask_function(*args: Any, **kwargs: Any):
     if attention_mask is None:
         return None
     kv_length = kwargs["kv_length"] if "kv_length" in kwargs else args[2]
+    # a static cache's kv_length is its size: the mask then covers the written tokens only (attention_forward
+    # reads its length to leave the unwritten slots out)
     attention_mask = attention_mask[:, -kv_length:].bool()
     if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None  # nothing padded: the kernel skips the mask (a data-dependent shortcut, eager only)

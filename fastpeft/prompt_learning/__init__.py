@@ -8,6 +8,14 @@ Each step runs the adapter's encoder once, giving a table (encoders.py), and rou
   `ops.prefix_attention` (integrations/transformers_attention.py), never through the KV cache.
   As in PEFT, where the prefix sits in the cache, real tokens take positions P, P+1, ...
 
+Templates (prompt tuning / P-tuning): P-tuning's pseudo tokens anywhere among the real tokens, any number
+of segments (``[P][P][P] Britain [P][P][P] [MASK]``).  The positions are the occurrences of the config's
+`prompt_token_id` in input_ids, or a `prompt_positions` bool mask (B, T) passed to `forward` / `generate`
+(it wins over the marker); each row holds exactly num_virtual_tokens of them, filled with the prompt's
+tokens 0..P-1 left to right inside the same gather (`soft_prompt_embed(..., slots=...)`).  Nothing is
+prepended: attention_mask, position_ids and token_type_ids keep their length, and causal-LM labels get
+-100 at the prompt positions.  `generate` embeds the template at the prefill step only.
+
 Mixed-task batches: pass `prompt_index` (B,) to `forward` / `generate`; row b uses adapter
 `adapters[prompt_index[b]]`, where `adapters` (a keyword argument, list of adapter names) defaults to
 every adapter of the model in the order added (`list(peft_model.peft_config)`).  The adapters must
@@ -26,14 +34,15 @@ from torch import nn
 
 from ..config import PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 from ..integrations import transformers_attention as attn
-from ..integrations.generation import cache_length, find_cache, patched_prepare
+from ..integrations.generation import cache_argument, cache_length, find_cache, patched_prepare
 from ..ops import soft_prompt_embed
 from ..ops._common import value_checks
+from ..ops.soft_prompt import template_slots
 from . import seq2seq
 from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, build_encoder
 
 __all__ = ["setup_adapter", "forward", "generate", "state_dict_to_save", "load_state", "PromptEmbedding",
-           "PromptEncoder", "PrefixEncoder"]
+           "PromptEncoder", "PrefixEncoder", "template_slots"]
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -161,6 +170,42 @@ def _batch_size(input_ids, inputs_embeds) -> int:
     raise ValueError("pass input_ids or inputs_embeds")
 
 
+def _template(config: Any, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+              prompt_positions: Any) -> torch.Tensor | None:
+    """The (B, T) slot map of a templated call (see `ops.soft_prompt.template_slots`), or None when the
+    prompt is prepended (no `prompt_positions` and no `prompt_token_id` in the config)."""
+    token = getattr(config, "prompt_token_id", None)
+    if prompt_positions is None and token is None:
+        return None
+    if _is_prefix(config):
+        raise ValueError("templates (prompt_positions / prompt_token_id) place prompt tuning's and P-tuning's virtual "
+                         "tokens among the input's; prefix tuning's prefix has no input positions")
+    P = config.num_virtual_tokens
+    if prompt_positions is not None:
+        if not isinstance(prompt_positions, torch.Tensor):
+            prompt_positions = torch.as_tensor(prompt_positions)
+        like = input_ids if input_ids is not None else inputs_embeds
+        if like is not None:
+            if tuple(prompt_positions.shape) != tuple(like.shape[:2]):
+                raise ValueError(f"prompt_positions must be a (batch, seq) bool mask of shape {tuple(like.shape[:2])}, "
+                                 f"got shape {tuple(prompt_positions.shape)}")
+            prompt_positions = prompt_positions.to(like.device)
+        return template_slots(P, prompt_positions=prompt_positions)
+    if input_ids is None:
+        raise ValueError(f"the template is marked by prompt_token_id={token} in input_ids; with inputs_embeds pass "
+                         "prompt_positions (a bool mask) instead")
+    return template_slots(P, input_ids, prompt_token_id=token)
+
+
+def _place_prompt(inputs_embeds: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """Caller-made embeddings with the prompt's tokens written at the template's positions."""
+    batch = inputs_embeds.shape[0]
+    prompts = table.unsqueeze(0).expand(batch, -1, -1) if index is None else table[index]
+    picked = prompts.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
+    return torch.where((slots >= 0).unsqueeze(-1), picked.to(inputs_embeds.dtype), inputs_embeds)
+
+
 def _is_seq_cls(config: PeftConfig) -> bool:
     t = config.task_type
     return (t.value if hasattr(t, "value") else t) == "SEQ_CLS"
@@ -169,20 +214,32 @@ def _is_seq_cls(config: PeftConfig) -> bool:
 # ---------------------------------------------------------------------------------------------- forward
 def forward(peft_model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-            prompt_index: torch.Tensor | None = None, adapters: list[str] | None = None, **kwargs: Any):
-    """The base model's output with the active adapter's prompt (or, with `prompt_index`, each row's)."""
+            prompt_index: torch.Tensor | None = None, adapters: list[str] | None = None,
+            prompt_positions: torch.Tensor | None = None, **kwargs: Any):
+    """The base model's output with the active adapter's prompt (or, with `prompt_index`, each row's),
+    prepended or (a template: `prompt_positions`, or the config's `prompt_token_id`) in place."""
     config = peft_model.active_peft_config
     model = peft_model.base_model
     batch = _batch_size(input_ids, inputs_embeds)
     table, index = _tables(peft_model, prompt_index, adapters, batch)
     P = table.shape[-2]
+    slots = _template(config, input_ids, inputs_embeds, prompt_positions)
     if seq2seq.is_encoder_decoder(model):
         return seq2seq.forward(peft_model, table, index, _is_prefix(config), input_ids=input_ids,
-                               attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+                               attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                               slots=slots, **kwargs)
     seq_cls = _is_seq_cls(config)
     if kwargs.get("token_type_ids") is not None and not seq_cls:
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
         kwargs["token_type_ids"] = None
+    if slots is not None:  # a template: the prompt in place of the markers, every length unchanged
+        if inputs_embeds is None:
+            inputs_embeds = soft_prompt_embed(input_ids, model.get_input_embeddings().weight, table, index, slots=slots)
+        else:
+            inputs_embeds = _place_prompt(inputs_embeds, table, index, slots)
+        if labels is not None and not seq_cls and tuple(labels.shape) == tuple(slots.shape):
+            labels = labels.masked_fill(slots >= 0, -100)  # a virtual token is no target
+        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     if _is_prefix(config):
         if model.training and torch.is_grad_enabled() and _checkpointing(model):
@@ -236,10 +293,11 @@ def _prefix_positions(position_ids, cache, tokens, P: int, device) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- generate
 def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | None = None,
-             adapters: list[str] | None = None, **kwargs: Any):
+             adapters: list[str] | None = None, prompt_positions: torch.Tensor | None = None, **kwargs: Any):
     """`base_model.generate` with the prompt: prefix tuning reads the prefix in every attention call
     (prefill and each T=1 decode step; the KV cache holds only real tokens); prompt tuning / P-tuning
-    prepend the soft prompt at the first step, then decode normally."""
+    prepend the soft prompt at the first step, then decode normally; a template (`prompt_positions` or
+    the config's `prompt_token_id`) is embedded in place at the first step (later steps hold no markers)."""
     config = peft_model.active_peft_config
     model = peft_model.base_model
     input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -248,16 +306,51 @@ def generate(peft_model: nn.Module, *args: Any, prompt_index: torch.Tensor | Non
     with torch.no_grad():
         table, index = _tables(peft_model, prompt_index, adapters, input_ids.shape[0])
     P = table.shape[-2]
+    slots = _template(config, input_ids, None, prompt_positions)
     if seq2seq.is_encoder_decoder(model):
-        return seq2seq.generate(peft_model, table, index, _is_prefix(config), *args, **kwargs)
+        return seq2seq.generate(peft_model, table, index, _is_prefix(config), *args, slots=slots, **kwargs)
     if _is_prefix(config):
         prepare = _prefix_prepare(model, P)
         ctx = attn.prefix_context(_prefix_kv(table, config), index, model.config)
+    elif slots is not None:
+        prepare = _template_prepare(model, table, index, slots)
+        ctx = contextlib.nullcontext()
     else:
         prepare = _prompt_prepare(model, table, index, P)
         ctx = contextlib.nullcontext()
+        if _static_requested(model, kwargs):
+            # a preallocated cache sized for the prompt too: transformers sizes it for the real tokens only
+            kwargs = _with_static_cache(model, kwargs, input_ids.shape[1], P)
     with ctx, patched_prepare(model, prepare):
         return model.generate(*args, **kwargs)
+
+
+def _static_requested(model: nn.Module, kwargs: dict) -> bool:
+    """Whether this generate asks for transformers' preallocated ("static") KV cache."""
+    if "cache_implementation" in kwargs:
+        return kwargs["cache_implementation"] == "static"
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(gen, "cache_implementation", None) == "static"
+
+
+def _with_static_cache(model: nn.Module, kwargs: dict, tokens: int, P: int) -> dict:
+    """kwargs with a `StaticCache` of P + tokens + new tokens slots passed as the generate's own cache (and
+    cache_implementation cleared, which transformers refuses beside a user cache)."""
+    from transformers import StaticCache
+
+    gen = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
+    if new is None:
+        max_length = kwargs.get("max_length", getattr(gen, "max_length", None))
+        if max_length is None:
+            raise ValueError("generate with a static cache needs max_new_tokens (or max_length)")
+        new = max(0, int(max_length) - int(tokens))
+    kwargs = dict(kwargs)
+    kwargs["cache_implementation"] = None
+    cache = StaticCache(config=model.config, max_cache_len=int(P) + int(tokens) + int(new))
+    cache._fastpeft_sized = True  # holds the prompt's slots: _prompt_prepare takes it
+    kwargs[cache_argument(model)] = cache
+    return kwargs
 
 
 def _prefix_prepare(model: nn.Module, P: int):
@@ -266,7 +359,16 @@ def _prefix_prepare(model: nn.Module, P: int):
     def make(base_prepare):
         def prepare(*args, **kwargs):
             inputs = base_prepare(*args, **kwargs)
-            _refuse_static_cache(find_cache(inputs), "prefix tuning")
+            cache = find_cache(inputs)
+            if cache is not None and getattr(cache, "is_compileable", False):
+                # a preallocated cache: the attention needs the 2-D padding mask over the tokens written so far
+                # (its length tells the cache's unwritten slots apart, see transformers_attention)
+                mask = inputs.get("attention_mask")
+                if isinstance(mask, dict) or mask is None or mask.dim() != 2:
+                    mask = kwargs.get("attention_mask")
+                if mask is None or mask.dim() != 2:
+                    raise NotImplementedError("prefix tuning generate with a static cache needs a 2-D attention mask")
+                inputs["attention_mask"] = mask
             if not takes_positions:
                 return inputs
             tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
@@ -300,7 +402,9 @@ def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor |
             # the soft prompt goes in exactly once: at the step whose cache is still empty (every step
             # when there is no cache at all, since each then recomputes the whole sequence)
             cache = find_cache(inputs)
-            _refuse_static_cache(cache, "prompt tuning / P-tuning")
+            if cache is not None and getattr(cache, "is_compileable", False) \
+                    and not getattr(cache, "_fastpeft_sized", False):
+                _refuse_static_cache(cache, "prompt tuning / P-tuning")
             ids = inputs.get("input_ids")
             if ids is None:
                 raise NotImplementedError("prompt-learning generate needs input_ids (not inputs_embeds)")
@@ -308,14 +412,13 @@ def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor |
             if cache is not None and seen >= ids.shape[1]:
                 ids = inputs["input_ids"] = ids[:, -1:]
             mask = inputs.get("attention_mask")
-            if isinstance(mask, dict):
-                if len(mask) != 1:
-                    raise NotImplementedError(f"expected one attention mask, got {len(mask)}")
-                mask = next(iter(mask.values()))
+            if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
+                # a mask transformers prepared for a preallocated cache lacks the prompt: the step's 2-D padding
+                # mask instead, from which the model builds its own (prompt included)
+                mask = kwargs.get("attention_mask")
+                if mask is None or mask.dim() != 2:
+                    raise NotImplementedError("prompt-learning generate needs a 2-D attention mask")
             if mask is not None:
-                if mask.dim() != 2:
-                    raise NotImplementedError("prompt-learning generate supports 2-D attention masks only "
-                                              "(no static / compiled caches)")
                 inputs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
             inputs["position_ids"] = None  # as PEFT: positions come from the cache length
             if inputs.get("token_type_ids") is not None:
@@ -324,6 +427,39 @@ def _prompt_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor |
                 inputs["inputs_embeds"] = soft_prompt_embed(ids, word_weight, table, attn._rows(index, ids.shape[0]))
                 inputs["input_ids"] = None
             inputs.pop("cache_position", None)
+            return inputs
+        return prepare
+    return make
+
+
+def _template_prepare(model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, slots: torch.Tensor):
+    """A template changes no length: transformers' own mask, position and cache handling stay as they are;
+    the step whose cache is empty (the prefill, or every step of a generate without a cache) gets the
+    templated embeddings in place of its ids.  Later steps hold generated tokens only: plain ids."""
+    word_weight = model.get_input_embeddings().weight
+
+    def make(base_prepare):
+        def prepare(*args, **kwargs):
+            inputs = base_prepare(*args, **kwargs)
+            cache = find_cache(inputs)  # any cache, preallocated ones too: a template changes no length
+            if cache_length(cache) > 0:
+                return inputs
+            ids = inputs.get("input_ids")
+            if ids is None:
+                raise NotImplementedError("prompt-learning generate needs input_ids (not inputs_embeds)")
+            step = slots
+            if ids.shape[0] != step.shape[0]:  # num_return_sequences / num_beams repeat each row
+                if ids.shape[0] % step.shape[0]:
+                    raise ValueError(f"the template has {step.shape[0]} rows but generate runs {ids.shape[0]}")
+                step = step.repeat_interleave(ids.shape[0] // step.shape[0], dim=0)
+            if ids.shape[1] > step.shape[1]:  # no cache: the generated tail is words
+                step = torch.cat([step, step.new_full((step.shape[0], ids.shape[1] - step.shape[1]), -1)], dim=1)
+            elif ids.shape[1] < step.shape[1]:
+                raise NotImplementedError(f"the prefill step holds {ids.shape[1]} of the template's {step.shape[1]} "
+                                          "positions")
+            rows = attn._rows(index, ids.shape[0])
+            inputs["inputs_embeds"] = soft_prompt_embed(ids, word_weight, table, rows, slots=step.to(ids.device))
+            inputs["input_ids"] = None
             return inputs
         return prepare
     return make

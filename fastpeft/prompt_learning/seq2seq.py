@@ -77,16 +77,21 @@ def check_model(model: nn.Module, config: Any) -> None:
 
 
 def _encoder_embeds(model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                    table: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """[prompt ; word embeddings] for the encoder: one gather where the embedding is a plain lookup,
-    otherwise the embedding module's own output (e.g. BART's scaled embedding) with the prompt in front."""
+                    table: torch.Tensor, index: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """[prompt ; word embeddings] for the encoder (or, a template's `slots` given, the prompt's tokens at
+    the template's positions): one gather where the embedding is a plain lookup, otherwise the embedding
+    module's own output (e.g. BART's scaled embedding) with the prompt in front / in place."""
     embedding = model.get_input_embeddings()
     if inputs_embeds is None and type(embedding).forward is nn.Embedding.forward:
-        return soft_prompt_embed(input_ids, embedding.weight, table, index)
+        return soft_prompt_embed(input_ids, embedding.weight, table, index, slots=slots)
     if inputs_embeds is None:
-        inputs_embeds = embedding(input_ids)
+        # a marker id need not be a word: the embedding module never sees one
+        inputs_embeds = embedding(input_ids if slots is None else input_ids.masked_fill(slots >= 0, 0))
     batch = inputs_embeds.shape[0]
     prompts = table.unsqueeze(0).expand(batch, -1, -1) if index is None else table[index]
+    if slots is not None:
+        picked = prompts.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
+        return torch.where((slots >= 0).unsqueeze(-1), picked.to(inputs_embeds.dtype), inputs_embeds)
     return torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
 
 
@@ -134,8 +139,9 @@ def _cache_name(model: nn.Module) -> str:
 def forward(peft_model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, is_prefix: bool,
             input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-            decoder_attention_mask: torch.Tensor | None = None, **kwargs: Any):
-    """PEFT's seq2seq forward; `table` / `index` from `prompt_learning._tables`."""
+            decoder_attention_mask: torch.Tensor | None = None, slots: torch.Tensor | None = None, **kwargs: Any):
+    """PEFT's seq2seq forward; `table` / `index` from `prompt_learning._tables`; `slots` a template's slot
+    map over the encoder's input (the prompt in place, the encoder's mask unchanged)."""
     config = peft_model.active_peft_config
     model = peft_model.base_model
     P = config.num_virtual_tokens
@@ -157,15 +163,15 @@ def forward(peft_model: nn.Module, table: torch.Tensor, index: torch.Tensor | No
         return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                      decoder_attention_mask=decoder_attention_mask, **kwargs)
     prompt = table[..., :P, :]
-    inputs_embeds = _encoder_embeds(model, input_ids, inputs_embeds, prompt, index)
-    if attention_mask is not None:
+    inputs_embeds = _encoder_embeds(model, input_ids, inputs_embeds, prompt, index, slots)
+    if attention_mask is not None and slots is None:
         attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], dim=1)
     return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                  decoder_attention_mask=decoder_attention_mask, **kwargs)
 
 
 def generate(peft_model: nn.Module, table: torch.Tensor, index: torch.Tensor | None, is_prefix: bool,
-             *args: Any, **kwargs: Any):
+             *args: Any, slots: torch.Tensor | None = None, **kwargs: Any):
     """PEFT's seq2seq generate: prompt tuning / P-tuning encode [prompt ; input] once; prefix tuning
     puts the prefix into the decoder's self-attention cache at the prefill step."""
     config = peft_model.active_peft_config
@@ -183,8 +189,8 @@ def generate(peft_model: nn.Module, table: torch.Tensor, index: torch.Tensor | N
             warnings.warn("`encoder_outputs` should not be passed to `generate` when using prompt tuning. Ignoring it.")
         ids = kwargs.pop("input_ids")
         with torch.no_grad():
-            kwargs["inputs_embeds"] = _encoder_embeds(model, ids, None, table[..., :P, :], index)
-        if kwargs.get("attention_mask") is not None:
+            kwargs["inputs_embeds"] = _encoder_embeds(model, ids, None, table[..., :P, :], index, slots)
+        if kwargs.get("attention_mask") is not None and slots is None:
             mask = kwargs["attention_mask"]
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
         return model.generate(**kwargs)

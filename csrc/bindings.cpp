@@ -4,7 +4,9 @@
 // here, before anything is launched: a bad size, dtype code, pointer or stride raises ValueError
 // (nothing is written); a failed launch raises RuntimeError.  fastpeft/_cext.py is the caller.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -539,6 +541,138 @@ void dropout_keep(std::uintptr_t out, int out_dtype, int64_t n, int64_t seed, in
   }
 }
 
+// ---- the torch path's dropout applied in one pass (CPU) -------------------------------------------
+// keep(i) as in dropout_keep; x and dst contiguous, float32 (code 0) or bfloat16 (code 2), arithmetic in
+// float32 and rounded once to the storage dtype (what aten's float32 / bfloat16 mul and addcmul compute)
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays a (quiet) NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct KeepHash {
+  uint32_t s, salt;
+  uint64_t t;
+  KeepHash(int64_t seed, int64_t threshold)
+      : s(static_cast<uint32_t>(seed) & 0x7FFFFFFFu), salt(hash_mix(s + 0x3C6EF372u)),
+        t(static_cast<uint64_t>(threshold)) {}
+  bool operator()(int64_t i) const {
+    return static_cast<uint64_t>(hash_mix(hash_mix(static_cast<uint32_t>(i) ^ s) ^ salt)) < t;
+  }
+};
+
+void check_dropout_args(const Checker& c, int dtype, int64_t n, int64_t threshold) {
+  if (n < 0 || n >= (int64_t(1) << 31)) c.fail("n must be in [0, 2**31), got ", n);
+  if (dtype != 0 && dtype != 2) c.fail("dtype ", dtype, " is not 0 (float32) or 2 (bfloat16)");
+  if (threshold < 0 || threshold > (int64_t(1) << 32)) c.fail("threshold must be in [0, 2**32], got ", threshold);
+}
+
+// out[i] = x[i] * keep(i) (out may be x)
+void dropout_mul(std::uintptr_t out, std::uintptr_t x, int dtype, int64_t n, int64_t seed, int64_t threshold) {
+  const Checker c{"dropout_mul"};
+  check_dropout_args(c, dtype, n, threshold);
+  if (n == 0) return;
+  c.ptr(out, "out", dtype == 0 ? 4 : 2);
+  c.ptr(x, "x", dtype == 0 ? 4 : 2);
+  const KeepHash keep(seed, threshold);
+  if (dtype == 0) {
+    float* o = reinterpret_cast<float*>(out);
+    const float* a = reinterpret_cast<const float*>(x);
+    for (int64_t i = 0; i < n; ++i) o[i] = a[i] * (keep(i) ? 1.0f : 0.0f);
+  } else {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out);
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
+  }
+}
+
+// dst[i] += value * src[i] * keep(i)
+void dropout_addcmul(std::uintptr_t dst, std::uintptr_t src, int dtype, int64_t n, int64_t seed, int64_t threshold,
+                     double value) {
+  const Checker c{"dropout_addcmul"};
+  check_dropout_args(c, dtype, n, threshold);
+  if (n == 0) return;
+  c.ptr(dst, "dst", dtype == 0 ? 4 : 2);
+  c.ptr(src, "src", dtype == 0 ? 4 : 2);
+  const KeepHash keep(seed, threshold);
+  const float v = static_cast<float>(value);
+  if (dtype == 0) {
+    float* d = reinterpret_cast<float*>(dst);
+    const float* a = reinterpret_cast<const float*>(src);
+    for (int64_t i = 0; i < n; ++i) d[i] += v * a[i] * (keep(i) ? 1.0f : 0.0f);
+  } else {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i)
+      d[i] = float_to_bf16(bf16_to_float(d[i]) + v * bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
+  }
+}
+
+// ---- 4-bit dequantisation on the CPU (the QLoRA layer's torch path) ------------------------------
+// out[i] = code[q_i] * absmax_b in float32, rounded once to out's dtype (0 float32, 2 bfloat16), q_i the high
+// nibble of packed[i / 2] for even i, the low one for odd i (bitsandbytes' layout), b = i / blocksize.
+// absmax_b is absmax[b] (float32), or with double quantisation (absmax_q != 0) the decoded
+// nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset, each step in float32 as aten does.
+void dequant_4bit(std::uintptr_t out, int out_dtype, std::uintptr_t packed, std::uintptr_t code,
+                  std::uintptr_t absmax, int64_t n, int64_t blocksize, std::uintptr_t absmax_q,
+                  std::uintptr_t nested_code, std::uintptr_t nested_absmax, int64_t nested_blocksize, double offset) {
+  const Checker c{"dequant_4bit"};
+  if (n < 0) c.fail("n must be >= 0, got ", n);
+  if (out_dtype != 0 && out_dtype != 2) c.fail("out_dtype ", out_dtype, " is not 0 (float32) or 2 (bfloat16)");
+  if (blocksize <= 0 || (blocksize & 1)) c.fail("blocksize must be a positive even number, got ", blocksize);
+  const bool nested = absmax_q != 0;
+  if (nested && nested_blocksize <= 0) c.fail("nested_blocksize must be positive, got ", nested_blocksize);
+  if (n == 0) return;
+  c.ptr(out, "out", out_dtype == 0 ? 4 : 2);
+  c.ptr(packed, "packed", 1);
+  c.ptr(code, "code", 4);
+  if (nested) {
+    c.ptr(nested_code, "nested_code", 4);
+    c.ptr(nested_absmax, "nested_absmax", 4);
+  } else {
+    c.ptr(absmax, "absmax", 4);
+  }
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(packed);
+  const float* cb = reinterpret_cast<const float*>(code);
+  const float* am = reinterpret_cast<const float*>(absmax);
+  const uint8_t* aq = reinterpret_cast<const uint8_t*>(absmax_q);
+  const float* ncb = reinterpret_cast<const float*>(nested_code);
+  const float* nam = reinterpret_cast<const float*>(nested_absmax);
+  const float off = static_cast<float>(offset);
+  for (int64_t start = 0, blk = 0; start < n; start += blocksize, ++blk) {
+    const int64_t end = std::min(n, start + blocksize);
+    float a;
+    if (nested) {
+      const float decoded = ncb[aq[blk]] * nam[blk / nested_blocksize];
+      a = decoded + off;
+    } else {
+      a = am[blk];
+    }
+    if (out_dtype == 0) {
+      float* o = reinterpret_cast<float*>(out);
+      for (int64_t i = start; i < end; ++i) {
+        const uint8_t b = p[i >> 1];
+        o[i] = cb[(i & 1) ? (b & 0xF) : (b >> 4)] * a;
+      }
+    } else {
+      uint16_t* o = reinterpret_cast<uint16_t*>(out);
+      for (int64_t i = start; i < end; ++i) {
+        const uint8_t b = p[i >> 1];
+        o[i] = float_to_bf16(cb[(i & 1) ? (b & 0xF) : (b >> 4)] * a);
+      }
+    }
+  }
+}
+
 py::tuple device_count() {
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
@@ -607,6 +741,15 @@ PYBIND11_MODULE(FASTPEFT_MODULE_NAME, m) {
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
   m.def("dropout_keep", &dropout_keep, "CPU: out[i] = 1 if hash(seed, i) < threshold else 0, i < n, in out_dtype",
         arg("out"), arg("out_dtype"), arg("n"), arg("seed"), arg("threshold"));
+  m.def("dequant_4bit", &dequant_4bit,
+        "CPU: out[i] = code[4-bit code i of packed] * absmax[i / blocksize], float32 or bfloat16",
+        arg("out"), arg("out_dtype"), arg("packed"), arg("code"), arg("absmax"), arg("n"), arg("blocksize"),
+        arg("absmax_q") = std::uintptr_t(0), arg("nested_code") = std::uintptr_t(0),
+        arg("nested_absmax") = std::uintptr_t(0), arg("nested_blocksize") = int64_t(256), arg("offset") = 0.0);
+  m.def("dropout_mul", &dropout_mul, "CPU: out[i] = x[i] * keep(i) (dropout_keep's mask), float32 or bfloat16",
+        arg("out"), arg("x"), arg("dtype"), arg("n"), arg("seed"), arg("threshold"));
+  m.def("dropout_addcmul", &dropout_addcmul, "CPU: dst[i] += value * src[i] * keep(i), float32 or bfloat16",
+        arg("dst"), arg("src"), arg("dtype"), arg("n"), arg("seed"), arg("threshold"), arg("value"));
 
   py::dict codes;
   codes["float32"] = int(kFloat32);

@@ -41,6 +41,68 @@ def dropout_keep(seed: int, m: int, k: int, threshold: int, dtype: torch.dtype =
     return out
 
 
+_APPLY_CODES = {torch.float32: 0, torch.bfloat16: 2}
+_DROPOUT_MUL = getattr(_C, "dropout_mul", None) if _C is not None else None
+_DROPOUT_ADDCMUL = getattr(_C, "dropout_addcmul", None) if _C is not None else None
+
+
+def dropout_mul(x: torch.Tensor, seed: int, threshold: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x ∘ keep (`dropout_keep`'s mask of `seed`) in one pass on the CPU, into `out` (a new tensor by default),
+    or None where _C lacks the loop or for a dtype / layout it does not take (float32, bfloat16, contiguous)."""
+    code = _APPLY_CODES.get(x.dtype)
+    if _DROPOUT_MUL is None or code is None or not x.is_contiguous():
+        return None
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _DROPOUT_MUL(out.data_ptr(), x.data_ptr(), code, x.numel(), seed, threshold)
+    return out
+
+
+def dropout_addcmul_(dst: torch.Tensor, src: torch.Tensor, seed: int, threshold: int, value: float) -> bool:
+    """dst += value · src ∘ keep in place (one pass, CPU); False (nothing done) where _C cannot take it."""
+    code = _APPLY_CODES.get(dst.dtype)
+    if _DROPOUT_ADDCMUL is None or code is None or src.dtype != dst.dtype or not dst.is_contiguous() \
+            or not src.is_contiguous() or src.shape != dst.shape:
+        return False
+    _DROPOUT_ADDCMUL(dst.data_ptr(), src.data_ptr(), code, dst.numel(), seed, threshold, value)
+    return True
+
+
+_DEQUANT_4BIT = getattr(_C, "dequant_4bit", None) if _C is not None else None
+
+
+def dequant_4bit(packed: torch.Tensor, state, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The first n weights of 4-bit `packed` (uint8 bytes, bitsandbytes' nibble order) as code[q]·absmax[block]
+    in `dtype` (float32 or bfloat16), one pass on the CPU, the double quantisation's absmax decoded in the same
+    loop; None where _C lacks the loop or cannot take the arguments (the caller's aten path then runs, with the
+    same bits).  `state` is a fastpeft.quant.nf4.QuantState4bit."""
+    out_code = _APPLY_CODES.get(dtype)
+    if _DEQUANT_4BIT is None or out_code is None or state.blocksize % 2 or packed.dtype != torch.uint8:
+        return None
+    code, absmax = state.code, state.absmax
+    nested = state.nested_absmax is not None
+    tensors = (packed, code, absmax) + ((state.nested_code, state.nested_absmax, state.offset) if nested else ())
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors) or code.dtype != torch.float32 or code.numel() < 16 \
+            or packed.numel() * 2 < n or absmax.numel() * state.blocksize < n:
+        return None
+    if nested:
+        if absmax.dtype != torch.uint8 or state.nested_code.dtype != torch.float32 or state.nested_code.numel() < 256 \
+                or state.nested_absmax.dtype != torch.float32 or state.offset.dtype != torch.float32 \
+                or state.nested_absmax.numel() * state.nested_blocksize < absmax.numel():
+            return None
+    elif absmax.dtype != torch.float32:
+        return None
+    out = torch.empty(n, dtype=dtype)
+    if nested:
+        _DEQUANT_4BIT(out.data_ptr(), out_code, packed.data_ptr(), code.data_ptr(), 0, n, state.blocksize,
+                      absmax.data_ptr(), state.nested_code.data_ptr(), state.nested_absmax.data_ptr(),
+                      state.nested_blocksize, float(state.offset))
+    else:
+        _DEQUANT_4BIT(out.data_ptr(), out_code, packed.data_ptr(), code.data_ptr(), absmax.data_ptr(), n,
+                      state.blocksize)
+    return out
+
+
 def available() -> bool:
     """Whether fastpeft._C was built and imports here (a GPU may still be missing)."""
     return _C is not None

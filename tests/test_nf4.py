@@ -124,3 +124,27 @@ def test_bad_input_errors_name_the_problem():
         nf4.dequantize_4bit(p[:3], s)
     with pytest.raises(ValueError, match="bitsandbytes__nf4"):
         nf4.state_from_dict({"absmax": s.absmax, "quant_map": s.code})
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_c_extension_dequantize_equals_the_aten_path(monkeypatch, blocksize, double_quant):
+    """fastpeft._C's one-pass CPU dequantisation (what the QLoRA layer runs on a CPU) gives the aten
+    path's bits: fp32 and bf16 out, nf4 and fp4, a ragged last block, a bf16 quant_storage view."""
+    from fastpeft import _cext
+
+    probe, probe_state = nf4.quantize_4bit(torch.ones(4, 64), 64, "nf4", double_quant)
+    if _cext.dequant_4bit(nf4.packed_bytes(probe), probe_state, 256, torch.float32) is None:
+        pytest.skip(f"fastpeft._C is not built or predates the loop: {_cext.why_unavailable()}")
+    g = torch.Generator().manual_seed(blocksize + double_quant)
+    for quant_type in ("nf4", "fp4"):
+        for shape, storage in (((48, 70), torch.uint8), ((130, 33), torch.uint8), ((64, 64), torch.bfloat16)):
+            w = torch.randn(*shape, generator=g) * 0.1
+            packed, state = nf4.quantize_4bit(w, blocksize, quant_type, double_quant, storage)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                fast = nf4.dequantize_4bit(packed, state, dtype)
+                with monkeypatch.context() as mp:
+                    mp.setattr(_cext, "dequant_4bit", lambda *a, **k: None)
+                    slow = nf4.dequantize_4bit(packed, state, dtype)
+                assert fast.dtype == slow.dtype == dtype and fast.shape == slow.shape == w.shape
+                assert torch.equal(fast, slow), (quant_type, shape, dtype)

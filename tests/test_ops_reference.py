@@ -126,6 +126,36 @@ def test_hash_keep_mask_rate_independence_and_c_extension():
         lora_op.dropout_keep_mask(1, 2**16, 2**15, 0.1, torch.device("cpu"))
 
 
+def test_c_extension_dropout_mul_and_addcmul_equal_the_aten_composition():
+    """fastpeft._C's one-pass dropout loops (what the CPU LoRA layer runs): x ∘ keep and dst += v·src ∘ keep,
+    bit for bit the mask times x and aten's addcmul_, fp32 and bf16, odd sizes, infinities and NaN kept."""
+    from fastpeft import _cext
+
+    if _cext.dropout_mul(torch.zeros(1), 1, keep_threshold(0.5)) is None:
+        pytest.skip(f"fastpeft._C is not built or predates the loops: {_cext.why_unavailable()}")
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for seed, m, k, p in ((0, 1, 1, 0.3), (2**31 - 2, 7, 33, 0.05), (99, 64, 177, 0.5)):
+            x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+            x.view(-1)[0] = float("inf")
+            if x.numel() > 2:
+                x.view(-1)[1] = float("nan")
+            keep = hash_keep_reference(seed, m, k, p).to(dtype)
+            got = _cext.dropout_mul(x, seed, keep_threshold(p))
+            assert got.dtype == dtype  # the same values bit for bit, NaN where aten has NaN (its payload aside)
+            torch.testing.assert_close(got, keep * x, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(torch.signbit(got[~got.isnan()]), torch.signbit((keep * x)[~got.isnan()]))
+            dst = torch.randn(m, k, generator=g).to(dtype)
+            src = torch.randn(m, k, generator=g).to(dtype)
+            want = dst.clone().addcmul_(src, keep, value=1.0 / (1.0 - p))
+            assert _cext.dropout_addcmul_(dst, src, seed, keep_threshold(p), 1.0 / (1.0 - p))
+            torch.testing.assert_close(dst, want, rtol=0, atol=0)
+    # what the loops do not take comes back None / False, for the caller's aten path
+    assert _cext.dropout_mul(torch.zeros(4, dtype=torch.float16), 1, 5) is None
+    assert _cext.dropout_mul(torch.zeros(4, 6).t(), 1, 5) is None
+    assert not _cext.dropout_addcmul_(torch.zeros(4), torch.zeros(4, dtype=torch.float64), 1, 5, 1.0)
+
+
 def test_torch_keep_mask_rate_and_independence():
     gen = torch.Generator().manual_seed(5)
     for p in (0.05, 0.5, 0.9):

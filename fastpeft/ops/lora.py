@@ -433,7 +433,7 @@ class _CpuLoraFn(torch.autograd.Function):
         y = F.linear(x2, weight, bias)
         if p > 0.0:
             seed = new_seed()
-            xd = dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device, x2.dtype).mul_(x2)
+            xd = _dropped_cpu(x2, seed, p)
             s = torch.addmm(_zero(xd), xd, lora_A.t(), beta=0, alpha=1.0 / (1.0 - p))
             ctx.seed = seed
         else:
@@ -456,11 +456,15 @@ class _CpuLoraFn(torch.autograd.Function):
         dx = d_a = None
         if p > 0.0:
             inv_q = 1.0 / (1.0 - p)
-            keep = dropout_keep_mask(ctx.seed, dy2.shape[0], lora_A.shape[1], p, dy2.device, dy2.dtype)
+            seed = ctx.seed
             if need_x:  # dx = dy·W + (ds·A ∘ keep) / (1-p)
-                dx = torch.mm(dy2, weight).addcmul_(torch.mm(ds, lora_A), keep, value=inv_q)
+                dx = torch.mm(dy2, weight)
+                dxd = torch.mm(ds, lora_A)
+                if not _cext.dropout_addcmul_(dx, dxd, seed, keep_threshold(p), inv_q):
+                    dx.addcmul_(dxd, dropout_keep_mask(seed, dy2.shape[0], lora_A.shape[1], p, dy2.device, dy2.dtype),
+                                value=inv_q)
             if need_a:  # dA = dsᵀ·(x ∘ keep) / (1-p)
-                d_a = torch.addmm(zero, ds.t(), keep.mul_(x), beta=0, alpha=inv_q)
+                d_a = torch.addmm(zero, ds.t(), _dropped_cpu(x, seed, p), beta=0, alpha=inv_q)
         else:
             if need_x:
                 dx = torch.mm(dy2, weight).addmm_(ds, lora_A)
@@ -474,6 +478,15 @@ class _CpuLoraFn(torch.autograd.Function):
 
 
 _cpu_apply = raw_apply(_CpuLoraFn)
+
+
+def _dropped_cpu(x2: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x2 ∘ keep (the hash mask of `seed`), a new tensor: fastpeft._C's one pass where it takes x2, else the
+    mask times x2 (the same bits)."""
+    out = _cext.dropout_mul(x2, seed, keep_threshold(p)) if x2.numel() < MAX_HASH_ELEMENTS else None
+    if out is not None:
+        return out
+    return dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device, x2.dtype).mul_(x2)
 
 
 def _native_forward(x, weight, bias, lora_A, lora_B):

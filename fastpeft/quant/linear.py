@@ -18,17 +18,21 @@ from .nf4 import QuantState4bit, dequantize_4bit
 def _use_triton(x: torch.Tensor) -> bool:
     """CUDA tensors take the kernels; FASTPEFT_NF4_TRITON=0 turns them off, =force runs them on any
     device (with TRITON_INTERPRET=1: the interpreter tests of the op)."""
+    return _triton_for(x.dtype, x.is_cuda)
+
+
+def _triton_for(dtype: torch.dtype, is_cuda: bool) -> bool:
     mode = os.environ.get("FASTPEFT_NF4_TRITON", "1")
-    if mode == "0" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if mode == "0" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    return x.is_cuda or mode == "force"
+    return is_cuda or mode == "force"
 
 
 def dense_weight(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dtype, via_state_dtype: bool = False):
     """W in `dtype`: code·absmax rounded once to `dtype` (bitsandbytes' forward, `gemm_4bit`), or first
     to the dtype it was quantised from and then cast (`via_state_dtype`: bitsandbytes' backward)."""
     first = state.dtype if via_state_dtype else dtype
-    if _use_triton(torch.empty(0, dtype=dtype, device=packed.device)):
+    if _triton_for(dtype, packed.is_cuda):
         from fastpeft.kernels.nf4 import nf4_dequantize
 
         return nf4_dequantize(packed, state, first).to(dtype)

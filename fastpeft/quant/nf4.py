@@ -234,10 +234,16 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dt
     if packed_bytes(packed).numel() * 2 < n:
         raise ValueError(f"packed weight holds {packed_bytes(packed).numel() * 2} codes, the state's shape "
                          f"{tuple(state.shape)} needs {n}")
-    absmax = state.block_absmax()
-    if absmax.numel() != -(n // -state.blocksize):
-        raise ValueError(f"quant state has {absmax.numel()} absmax values, shape {tuple(state.shape)} with "
+    if state.absmax.numel() != -(n // -state.blocksize):
+        raise ValueError(f"quant state has {state.absmax.numel()} absmax values, shape {tuple(state.shape)} with "
                          f"blocksize {state.blocksize} needs {-(n // -state.blocksize)}")
+    if packed.is_cpu and not torch.compiler.is_compiling():  # one pass in fastpeft._C (same bits), where it runs
+        from .. import _cext
+
+        fast = _cext.dequant_4bit(packed_bytes(packed), state, n, dtype)
+        if fast is not None:
+            return fast.view(state.shape)
+    absmax = state.block_absmax()
     values = state.code.to(packed.device)[unpack_codes(packed, n)]
     blocks = absmax.numel()
     padded = torch.nn.functional.pad(values, (0, blocks * state.blocksize - n)).view(blocks, state.blocksize)

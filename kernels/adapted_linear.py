@@ -398,6 +398,10 @@ def launch(kernel, grid, key: tuple, args: tuple, meta: dict) -> None:
     fn[grid_now](*args, **kwargs)
 
 
+# torch's own binding behind torch.get_float32_matmul_precision (part of every plan key: half the cost)
+_precision = getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision)
+
+
 def _seed_arg(seed):
     """A seed as the kernels take it: a Python int, or a one-element int64 tensor on the device."""
     if isinstance(seed, torch.Tensor):
@@ -437,8 +441,8 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
     out_t = out_scale if out_scale is not None else dummy
     pre_t = pre if pre is not None else dummy
     args = (a, b, c, bias_t, in_t, out_t, s, l_t, aux, grad_buf, pre_t, m, n, k, r, m_bucket(m),
-            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), *s_strides,
-            stride_lr, stride_ln, *aux_strides, *((pre.stride(0), pre.stride(1)) if pre is not None else (0, 0)),
+            *a.stride(), stride_bk, stride_bn, *c.stride(), *s_strides,
+            stride_lr, stride_ln, *aux_strides, *(pre.stride() if pre is not None else (0, 0)),
             float(lr_scale), _seed_arg(seed), float(p), 1.0 / (1.0 - p))
     # the plan's key from what decides the meta-parameters and the grid, before building them: a planned
     # launch skips that work
@@ -447,7 +451,7 @@ def gemm(a: torch.Tensor, b_kn: tuple[torch.Tensor, int, int, int], out_dtype: t
            None if bias is None else bias.dtype, None if in_scale is None else in_scale.dtype,
            None if out_scale is None else out_scale.dtype, None if lowrank is None else (s.dtype, l_t.dtype),
            (aux.dtype, grad_buf.dtype) if mode else None, None if pre is None else pre.dtype,
-           torch.get_float32_matmul_precision() if torch.float32 in (a.dtype, adapter_dtype) else None)
+           _precision() if torch.float32 in (a.dtype, adapter_dtype) else None)
     if _launch_planned(key, args):
         return c
     r_pad = rank_pad(r)
@@ -476,12 +480,12 @@ def shrink(x: torch.Tensor, w_kr: tuple[torch.Tensor, int, int], r: int, scale: 
     t, out, dual_scale = dual if dual is not None else (dummy, dummy, 0.0)
     t_strides = t.stride() if dual is not None else (0, 0)
     o_strides = out.stride() if dual is not None else (0, 0)
-    args = (x, w, s, t, out, m, k, r, m_bucket(m), x.stride(0), x.stride(1), stride_wk, stride_wr,
-            s.stride(0), s.stride(1), *t_strides, *o_strides, float(scale), float(dual_scale), _seed_arg(seed), float(p))
+    args = (x, w, s, t, out, m, k, r, m_bucket(m), *x.stride(), stride_wk, stride_wr,
+            *s.stride(), *t_strides, *o_strides, float(scale), float(dual_scale), _seed_arg(seed), float(p))
     seed_ptr = isinstance(seed, torch.Tensor)
     key = ("shrink", m, k, r, device, x.dtype, w.dtype, adapter_dtype, p > 0.0, seed_ptr,
            None if dual is None else (t.dtype, out.dtype),
-           torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
+           _precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
     if _launch_planned(key, args):
         return s
     meta = dict(DROPOUT=p > 0.0, HAS_DUAL=dual is not None, R_PAD=rank_pad(r), SEED_PTR=seed_ptr,
@@ -502,11 +506,11 @@ def reduce_rows(t: torch.Tensor, x: torch.Tensor, scale: float, adapter_dtype: t
     r = t.shape[1]
     device = x.device
     out = torch.zeros((r, k), device=device, dtype=torch.float32)
-    args = (t, x, out, m, k, r, m_bucket(m), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1), float(scale), _seed_arg(seed), float(p))
+    args = (t, x, out, m, k, r, m_bucket(m), *t.stride(), *x.stride(), *out.stride(), float(scale),
+            _seed_arg(seed), float(p))
     seed_ptr = isinstance(seed, torch.Tensor)
     key = ("reduce", m, k, r, device, t.dtype, x.dtype, adapter_dtype, p > 0.0, seed_ptr,
-           torch.get_float32_matmul_precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
+           _precision() if torch.float32 in (x.dtype, adapter_dtype) else None)
     if _launch_planned(key, args):
         return out
     meta = dict(DROPOUT=p > 0.0, R_PAD=rank_pad(r), SEED_PTR=seed_ptr, **lowrank_mode(x.dtype, adapter_dtype))

@@ -24,7 +24,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     # Y = X·Wᵀ (+ b) + (scaling·S)·Bᵀ: B as the (r, N) operand Bᵀ
     y = gemm(x, (weight, weight.shape[0], weight.stride(1), weight.stride(0)), x.dtype, bias=bias,
              lowrank=(s32, lora_B, lora_B.stride(1), lora_B.stride(0), scaling, lora_B.dtype))
-    return y, s32.to(lora_A.dtype)
+    return y, (s32 if s32.dtype == lora_A.dtype else s32.to(lora_A.dtype))
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
@@ -41,7 +41,8 @@ def lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
               dropout=(p, seed) if p > 0.0 else None)
     keep_scale = 1.0 / (1.0 - p) if p > 0.0 else 1.0
     d_a = reduce_rows(ds, x, keep_scale, lora_A.dtype, p=p, seed=seed)
-    return dx, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype)
+    return (dx, d_a if d_a.dtype == lora_A.dtype else d_a.to(lora_A.dtype),
+            d_b if d_b.dtype == lora_B.dtype else d_b.to(lora_B.dtype))
 
 
 __all__ = ["lora_forward", "lora_backward", "MAX_RANK"]

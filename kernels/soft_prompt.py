@@ -36,10 +36,11 @@ def _row_mask(in_h, cond):
 
 
 @triton.jit
-def _soft_prompt_fwd_kernel(out_ptr, weight_ptr, table_ptr, ids_ptr, pidx_ptr, slots_ptr,
+def _soft_prompt_fwd_kernel(out_ptr, weight_ptr, table_ptr, ids_ptr, pidx_ptr, slots_ptr, bad_ptr,
                             S, T, P, H, V, N,
                             ids_sb, ids_st, w_sv, t_sn, t_sp, pidx_s, sl_sb, sl_st,
-                            HAS_INDEX: tl.constexpr, TEMPLATED: tl.constexpr, BLOCK_H: tl.constexpr):
+                            HAS_INDEX: tl.constexpr, TEMPLATED: tl.constexpr, CHECK: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = offs < H
@@ -63,6 +64,10 @@ def _soft_prompt_fwd_kernel(out_ptr, weight_ptr, table_ptr, ids_ptr, pidx_ptr, s
     wval = tl.load(weight_ptr + tid * w_sv + offs, mask=_row_mask(in_h, word_ok), other=0.0)
     val = tl.where(_row_mask(in_h, is_prompt), pval.to(out_ptr.dtype.element_ty), wval)
     tl.store(out_ptr + row * H + offs, val, mask=in_h)
+    if CHECK:  # an index out of range reads nothing (zeros are written) and raises the caller's flag
+        bad = (is_prompt & (prompt_ok == 0)) | ((is_prompt == 0) & (word_ok == 0))
+        if bad:
+            tl.store(bad_ptr, 1)
 
 
 @triton.jit
@@ -135,6 +140,13 @@ def _soft_prompt_weight_bwd_sorted_kernel(dw_ptr, dout_ptr, sorted_ptr, order_pt
     tl.store(dw_ptr + tid * H + offs, acc, mask=_row_mask(in_h, do_store))
 
 
+def _index_flag(device: torch.device) -> torch.Tensor | None:
+    """A one-int flag the forward kernel raises on an out-of-range index (FASTPEFT_CHECK_INDICES=0: none)."""
+    if os.environ.get("FASTPEFT_CHECK_INDICES", "1") == "0":
+        return None
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _hidden_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -157,12 +169,16 @@ def soft_prompt_forward(input_ids: torch.Tensor, embedding_weight: torch.Tensor,
     sl = None if slots is None else slots.long()
     block = _block_h(H)
     grid = (B * S, triton.cdiv(H, block))
+    flag = _index_flag(out.device)
     _soft_prompt_fwd_kernel[grid](
         out, weight, table, ids, pidx if pidx is not None else ids, sl if sl is not None else ids,
+        flag if flag is not None else ids,
         S, T, P, H, V, 1 if pidx is None else table.shape[0],
         ids.stride(0), ids.stride(1), weight.stride(0), 0 if pidx is None else table.stride(0), table.stride(-2),
         0 if pidx is None else pidx.stride(0), 0 if sl is None else sl.stride(0), 0 if sl is None else sl.stride(1),
-        HAS_INDEX=pidx is not None, TEMPLATED=sl is not None, BLOCK_H=block)
+        HAS_INDEX=pidx is not None, TEMPLATED=sl is not None, CHECK=flag is not None, BLOCK_H=block)
+    if flag is not None:  # no host read: a device-side assert (raised here at once on a CPU)
+        torch._assert_async(flag[0] == 0, "soft_prompt_embed: an input_id or prompt_index is out of range")
     return out
 
 

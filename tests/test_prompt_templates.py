@@ -216,6 +216,27 @@ def test_triton_kernels_match_reference(deterministic):
                      reference_embedding_backward(dout, word_ids, Vw, torch.bfloat16, sl), torch.bfloat16)
 
 
+def test_triton_forward_flags_an_index_out_of_range():
+    """The Triton twin raises (a device-side assert; at once on a CPU) on a word id or prompt index out of
+    range, as the _C kernels do, instead of writing zeros; a marker id at a prompt position is never read."""
+    _triton_ok()
+    from fastpeft.kernels import soft_prompt as K
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weight = torch.randn(10, 8, device=device)
+    table = torch.randn(2, 3, 8, device=device)
+    with pytest.raises(RuntimeError, match="out of range"):
+        K.soft_prompt_forward(torch.tensor([[1, 10, 2]], device=device), weight, table[0])
+    with pytest.raises(RuntimeError, match="out of range"):
+        K.soft_prompt_forward(torch.tensor([[1]], device=device), weight, table, torch.tensor([2], device=device))
+    slots = torch.tensor([[0, -1, 1, 2]], device=device)
+    out = K.soft_prompt_forward(torch.tensor([[999, 3, -7, 4]], device=device), weight, table[0], None, slots)
+    assert torch.equal(out, reference_forward(torch.tensor([[0, 3, 0, 4]], device=device), weight, table[0], None,
+                                              slots))
+    with pytest.raises(RuntimeError, match="out of range"):
+        K.soft_prompt_forward(torch.tensor([[999, 30, 1, 4]], device=device), weight, table[0], None, slots)
+
+
 @pytest.mark.parametrize("forced", [None, "triton"], ids=["aten", "custom_op"])
 def test_templated_op_compiles_fullgraph(forced):
     """torch.compile(fullgraph=True) of the slot map and the templated gather: the aten reference on a CPU,

@@ -131,11 +131,14 @@ def _additive_mask(q, k, attention_mask, causal, P):
 def _keys_cat(q, k, v, prefix_k, prefix_v, prefix_index):
     """[prefix; k] and [prefix; v] with the key/value heads repeated for the query groups."""
     B, Hq = q.shape[:2]
-    group = Hq // k.shape[1]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
     kk = torch.cat([_gather_prefix(prefix_k, prefix_index, B), k], dim=2)
     vv = torch.cat([_gather_prefix(prefix_v, prefix_index, B), v], dim=2)
-    if group > 1:
-        kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+    if group > 1:  # GQA: an expanded view copied once (repeat_interleave costs twice as much on small shapes)
+        L, D = kk.shape[2], kk.shape[3]
+        kk = kk.unsqueeze(2).expand(B, Hkv, group, L, D).reshape(B, Hq, L, D)
+        vv = vv.unsqueeze(2).expand(B, Hkv, group, L, D).reshape(B, Hq, L, D)
     return kk, vv
 
 

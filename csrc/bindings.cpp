@@ -576,6 +576,44 @@ void check_dropout_args(const Checker& c, int dtype, int64_t n, int64_t threshol
   if (threshold < 0 || threshold > (int64_t(1) << 32)) c.fail("threshold must be in [0, 2**32], got ", threshold);
 }
 
+// The loops below run the element index as a 32-bit counter (n < 2**31) and compare the hash as a 32-bit
+// value, which lets the compiler vectorise them (SSE2 in the portable build: 4 lanes); a threshold of 2**32
+// keeps everything.
+inline uint32_t keep_threshold32(int64_t threshold) { return static_cast<uint32_t>(threshold); }
+
+// x86-64 with GCC: an AVX2 clone of each hot loop beside the portable one, picked at load time by the CPU
+// (function multi-versioning; the wheel stays baseline x86-64)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTPEFT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTPEFT_CPU_CLONES
+#endif
+
+FASTPEFT_CPU_CLONES void mul_keep_f32(float* o, const float* a, int32_t m, uint32_t s, uint32_t salt, uint32_t t) {
+  for (int32_t i = 0; i < m; ++i) {
+    const uint32_t h = hash_mix(hash_mix(static_cast<uint32_t>(i) ^ s) ^ salt);
+    const float k = h < t ? 1.0f : 0.0f;
+    o[i] = a[i] * k;
+  }
+}
+
+FASTPEFT_CPU_CLONES void addcmul_keep_f32(float* d, const float* a, int32_t m, uint32_t s, uint32_t salt, uint32_t t,
+                                          bool all, float v) {
+  for (int32_t i = 0; i < m; ++i) {
+    const uint32_t h = hash_mix(hash_mix(static_cast<uint32_t>(i) ^ s) ^ salt);
+    const float k = (all || h < t) ? 1.0f : 0.0f;
+    d[i] += v * a[i] * k;
+  }
+}
+
+FASTPEFT_CPU_CLONES void dequant_block_f32(float* o, const uint8_t* p, const float* cb, int64_t start, int64_t end,
+                                           float a) {
+  for (int64_t i = start; i < end; ++i) {
+    const uint8_t b = p[i >> 1];
+    o[i] = cb[(i & 1) ? (b & 0xF) : (b >> 4)] * a;
+  }
+}
+
 // out[i] = x[i] * keep(i) (out may be x)
 void dropout_mul(std::uintptr_t out, std::uintptr_t x, int dtype, int64_t n, int64_t seed, int64_t threshold) {
   const Checker c{"dropout_mul"};
@@ -584,14 +622,21 @@ void dropout_mul(std::uintptr_t out, std::uintptr_t x, int dtype, int64_t n, int
   c.ptr(out, "out", dtype == 0 ? 4 : 2);
   c.ptr(x, "x", dtype == 0 ? 4 : 2);
   const KeepHash keep(seed, threshold);
+  const bool all = threshold >= (int64_t(1) << 32);
+  const uint32_t s = keep.s, salt = keep.salt, t = keep_threshold32(threshold);
+  const int32_t m = static_cast<int32_t>(n);
   if (dtype == 0) {
     float* o = reinterpret_cast<float*>(out);
     const float* a = reinterpret_cast<const float*>(x);
-    for (int64_t i = 0; i < n; ++i) o[i] = a[i] * (keep(i) ? 1.0f : 0.0f);
+    if (all) {
+      for (int32_t i = 0; i < m; ++i) o[i] = a[i] * 1.0f;
+      return;
+    }
+    mul_keep_f32(o, a, m, s, salt, t);
   } else {
     uint16_t* o = reinterpret_cast<uint16_t*>(out);
     const uint16_t* a = reinterpret_cast<const uint16_t*>(x);
-    for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
+    for (int32_t i = 0; i < m; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
   }
 }
 
@@ -604,15 +649,18 @@ void dropout_addcmul(std::uintptr_t dst, std::uintptr_t src, int dtype, int64_t 
   c.ptr(dst, "dst", dtype == 0 ? 4 : 2);
   c.ptr(src, "src", dtype == 0 ? 4 : 2);
   const KeepHash keep(seed, threshold);
+  const bool all = threshold >= (int64_t(1) << 32);
+  const uint32_t s = keep.s, salt = keep.salt, t = keep_threshold32(threshold);
+  const int32_t m = static_cast<int32_t>(n);
   const float v = static_cast<float>(value);
   if (dtype == 0) {
     float* d = reinterpret_cast<float*>(dst);
     const float* a = reinterpret_cast<const float*>(src);
-    for (int64_t i = 0; i < n; ++i) d[i] += v * a[i] * (keep(i) ? 1.0f : 0.0f);
+    addcmul_keep_f32(d, a, m, s, salt, t, all, v);
   } else {
     uint16_t* d = reinterpret_cast<uint16_t*>(dst);
     const uint16_t* a = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i)
+    for (int32_t i = 0; i < m; ++i)
       d[i] = float_to_bf16(bf16_to_float(d[i]) + v * bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
   }
 }
@@ -658,11 +706,7 @@ void dequant_4bit(std::uintptr_t out, int out_dtype, std::uintptr_t packed, std:
       a = am[blk];
     }
     if (out_dtype == 0) {
-      float* o = reinterpret_cast<float*>(out);
-      for (int64_t i = start; i < end; ++i) {
-        const uint8_t b = p[i >> 1];
-        o[i] = cb[(i & 1) ? (b & 0xF) : (b >> 4)] * a;
-      }
+      dequant_block_f32(reinterpret_cast<float*>(out), p, cb, start, end, a);
     } else {
       uint16_t* o = reinterpret_cast<uint16_t*>(out);
       for (int64_t i = start; i < end; ++i) {

@@ -614,54 +614,58 @@ FASTPEFT_CPU_CLONES void dequant_block_f32(float* o, const uint8_t* p, const flo
   }
 }
 
+// What both dropout loops check and derive before their pass: the arguments, and the hash's seed, salt and
+// 32-bit threshold (all: a threshold of 2**32 keeps every element)
+struct DropoutPass {
+  KeepHash keep;
+  uint32_t s, salt, t;
+  bool all;
+  int32_t m;
+  DropoutPass(const char* fn, std::uintptr_t dst, std::uintptr_t src, int dtype, int64_t n, int64_t seed,
+              int64_t threshold)
+      : keep(seed, threshold), s(keep.s), salt(keep.salt), t(keep_threshold32(threshold)),
+        all(threshold >= (int64_t(1) << 32)), m(static_cast<int32_t>(n)) {
+    const Checker c{fn};
+    check_dropout_args(c, dtype, n, threshold);
+    if (n == 0) return;
+    c.ptr(dst, "destination", dtype == 0 ? 4 : 2);
+    c.ptr(src, "source", dtype == 0 ? 4 : 2);
+  }
+};
+
 // out[i] = x[i] * keep(i) (out may be x)
 void dropout_mul(std::uintptr_t out, std::uintptr_t x, int dtype, int64_t n, int64_t seed, int64_t threshold) {
-  const Checker c{"dropout_mul"};
-  check_dropout_args(c, dtype, n, threshold);
-  if (n == 0) return;
-  c.ptr(out, "out", dtype == 0 ? 4 : 2);
-  c.ptr(x, "x", dtype == 0 ? 4 : 2);
-  const KeepHash keep(seed, threshold);
-  const bool all = threshold >= (int64_t(1) << 32);
-  const uint32_t s = keep.s, salt = keep.salt, t = keep_threshold32(threshold);
-  const int32_t m = static_cast<int32_t>(n);
+  const DropoutPass d("dropout_mul", out, x, dtype, n, seed, threshold);
+  if (d.m == 0) return;
   if (dtype == 0) {
     float* o = reinterpret_cast<float*>(out);
     const float* a = reinterpret_cast<const float*>(x);
-    if (all) {
-      for (int32_t i = 0; i < m; ++i) o[i] = a[i] * 1.0f;
+    if (d.all) {
+      for (int32_t i = 0; i < d.m; ++i) o[i] = a[i] * 1.0f;
       return;
     }
-    mul_keep_f32(o, a, m, s, salt, t);
+    mul_keep_f32(o, a, d.m, d.s, d.salt, d.t);
   } else {
     uint16_t* o = reinterpret_cast<uint16_t*>(out);
     const uint16_t* a = reinterpret_cast<const uint16_t*>(x);
-    for (int32_t i = 0; i < m; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
+    for (int32_t i = 0; i < d.m; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * (d.keep(i) ? 1.0f : 0.0f));
   }
 }
 
 // dst[i] += value * src[i] * keep(i)
 void dropout_addcmul(std::uintptr_t dst, std::uintptr_t src, int dtype, int64_t n, int64_t seed, int64_t threshold,
                      double value) {
-  const Checker c{"dropout_addcmul"};
-  check_dropout_args(c, dtype, n, threshold);
-  if (n == 0) return;
-  c.ptr(dst, "dst", dtype == 0 ? 4 : 2);
-  c.ptr(src, "src", dtype == 0 ? 4 : 2);
-  const KeepHash keep(seed, threshold);
-  const bool all = threshold >= (int64_t(1) << 32);
-  const uint32_t s = keep.s, salt = keep.salt, t = keep_threshold32(threshold);
-  const int32_t m = static_cast<int32_t>(n);
+  const DropoutPass d("dropout_addcmul", dst, src, dtype, n, seed, threshold);
+  if (d.m == 0) return;
   const float v = static_cast<float>(value);
   if (dtype == 0) {
-    float* d = reinterpret_cast<float*>(dst);
-    const float* a = reinterpret_cast<const float*>(src);
-    addcmul_keep_f32(d, a, m, s, salt, t, all, v);
+    addcmul_keep_f32(reinterpret_cast<float*>(dst), reinterpret_cast<const float*>(src), d.m, d.s, d.salt, d.t,
+                     d.all, v);
   } else {
-    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    uint16_t* o = reinterpret_cast<uint16_t*>(dst);
     const uint16_t* a = reinterpret_cast<const uint16_t*>(src);
-    for (int32_t i = 0; i < m; ++i)
-      d[i] = float_to_bf16(bf16_to_float(d[i]) + v * bf16_to_float(a[i]) * (keep(i) ? 1.0f : 0.0f));
+    for (int32_t i = 0; i < d.m; ++i)
+      o[i] = float_to_bf16(bf16_to_float(o[i]) + v * bf16_to_float(a[i]) * (d.keep(i) ? 1.0f : 0.0f));
   }
 }
 

@@ -228,6 +228,20 @@ def test_config_errors():
         fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.BottleneckConfig(output_adapter=False))
 
 
+def _mixed_rows_equal_each_alone(model, base, ids, names):
+    """A mixed-adapter batch (`adapter_names`, "__base__" rows through `base`) equals each row run with its
+    adapter alone; returns {name: logits of the whole batch through that adapter alone}."""
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    per = {}
+    for name in dict.fromkeys(n for n in names if n != "__base__"):
+        model.set_adapter(name)
+        per[name] = model(input_ids=ids).logits
+    per["__base__"] = base(input_ids=ids).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=1e-6)
+    return per
+
+
 def test_mixed_adapter_batch_routes_each_row():
     base = tiny_llama(seed=9)
     model = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.BottleneckConfig(bottleneck_size=6,
@@ -237,14 +251,7 @@ def test_mixed_adapter_batch_routes_each_row():
     ids = torch.randint(0, 97, (4, 7))
     names = ["b", "default", "__base__", "b"]
     with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        per = {}
-        for name in ("default", "b"):
-            model.set_adapter(name)
-            per[name] = model(input_ids=ids).logits
-        per["__base__"] = base(input_ids=ids).logits
-    for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=1e-6)
+        per = _mixed_rows_equal_each_alone(model, base, ids, names)
     assert _err(per["b"], per["default"]) > 1e-3
     with pytest.raises(ValueError, match="unknown adapter"):
         model(input_ids=ids, adapter_names=["b", "c", "b", "b"])
@@ -399,14 +406,7 @@ def test_adapterhub_placements_mixed_batches_unload_and_copy(family):
     ids = torch.randint(1, 97, (4, 7))
     names = ["b", "default", "__base__", "c"]
     with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        per = {}
-        for name in ("default", "b", "c"):
-            model.set_adapter(name)
-            per[name] = model(input_ids=ids).logits
-        per["__base__"] = base(input_ids=ids).logits
-        for row, name in enumerate(names):
-            torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=1e-6)
+        per = _mixed_rows_equal_each_alone(model, base, ids, names)
         assert min(_err(per[a], per[b]) for a, b in (("b", "default"), ("default", "c"), ("c", "__base__"))) > 1e-3
         twin = copy.deepcopy(model)  # the norm hooks follow the copy (bound to the copied wrappers)
         torch.testing.assert_close(twin(input_ids=ids).logits, per["c"], atol=0, rtol=0)

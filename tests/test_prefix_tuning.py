@@ -205,3 +205,29 @@ def test_prefix_on_a_model_whose_attention_bypasses_the_registry_is_refused():
     with pytest.raises(NotImplementedError, match="AttentionInterface"):
         fastpeft.get_peft_model(base, prefix_config(False))
     assert base.config._attn_implementation != attn.NAME
+
+
+def test_nested_prefix_contexts_around_a_compiled_forward_are_refused_not_mixed():
+    """Two different prefixes active at once (nested here; two threads alike): eager reads the innermost,
+    a compiled forward (which reads the eager contexts as a guarded constant) refuses rather than pick one,
+    and leaving the contexts leaves none behind."""
+    from fastpeft.integrations import transformers_attention as attn
+
+    torch._dynamo.reset()
+    model = fastpeft.get_peft_model(tiny_llama(seed=0), fastpeft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    base = model.base_model
+    layers, heads, dim = 2, base.config.num_key_value_heads, base.config.hidden_size // base.config.num_attention_heads
+    outer, inner = torch.zeros(layers, 2, heads, 3, dim), torch.randn(layers, 2, heads, 3, dim)
+    ids = torch.randint(1, 90, (2, 5))
+    with torch.no_grad():
+        with attn.prefix_context(inner, None, base.config):
+            want = base(input_ids=ids).logits
+        compiled = torch.compile(base.forward, fullgraph=True, backend="eager")
+        with attn.prefix_context(outer, None, base.config), attn.prefix_context(inner, None, base.config):
+            torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=0, atol=0)
+            with pytest.raises(Exception, match="Observed exception|several different prefixes"):
+                compiled(input_ids=ids)
+        assert not attn._EAGER
+        with attn.prefix_context(inner, None, base.config):  # one prefix: the compiled forward reads it
+            torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -38,14 +38,25 @@ class PrefixState:
 # trace, which cannot trace ContextVar.set, a plain stack that the compiled graph sets and reads.
 _STATE: contextvars.ContextVar[PrefixState | None] = contextvars.ContextVar("fastpeft_prefix_state", default=None)
 _TRACED: list[PrefixState] = []
-_EAGER: list[PrefixState] = []  # the eager contexts' states, for a compiled forward called inside one
+# the eager contexts' states, for a compiled forward called inside one (generate with a compiled model): read
+# by the graph as a guarded constant; more than one different state at once is refused by name
+_EAGER: list[PrefixState] = []
 
 
 def _active(config: Any) -> PrefixState | None:
     if torch.compiler.is_compiling():
         # a prefix set inside the traced region, else one set in eager around a compiled forward (generate
         # with a compiled model: the state is a constant of the graph, guarded)
-        state = _TRACED[-1] if _TRACED else _EAGER[-1] if _EAGER else None
+        if _TRACED:
+            state = _TRACED[-1]
+        elif _EAGER:
+            state = _EAGER[-1]
+            if any(other is not state for other in _EAGER):  # another thread's (or an outer) prefix as well
+                raise RuntimeError("several different prefixes are active around a compiled forward (prefix "
+                                   "contexts in two threads, or nested); a compiled graph cannot tell whose it is: "
+                                   "run one prefix context at a time, or call the compiled model inside it")
+        else:
+            state = None
     else:
         state = _STATE.get()
     if state is None or (config is not None and not any(c is config for c in state.configs)):
@@ -70,7 +81,10 @@ def prefix_context(kv: torch.Tensor, index: torch.Tensor | None, config: Any) ->
     try:
         yield
     finally:
-        _EAGER.remove(state)
+        for i in range(len(_EAGER) - 1, -1, -1):  # by identity (a state's == would compare its tensors)
+            if _EAGER[i] is state:
+                del _EAGER[i]
+                break
         _STATE.reset(token)
 
 
